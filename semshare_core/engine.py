@@ -1,0 +1,211 @@
+"""`SemShareEngine`: the façade the server and the benchmarks call.
+
+    engine = SemShareEngine(model, tokenizer, SemShareConfig())
+    ids = engine.encode("...")
+    vec = engine.fingerprint(ids)                   # index key
+    pre = engine.prefill(ids, reference=packed_kv)  # packed_kv: PackedKV or None
+    for tok in engine.decode(pre, max_new_tokens=64, temperature=0.0): ...
+    packed = engine.export_kv(pre)                  # register for later prompts
+
+Reuse off or no reference: the prefill and decode go through ``model.forward`` with a
+``DynamicCache``, exactly as ``model.generate`` does. A reference runs the
+selective-recompute prefill (:mod:`semshare_core.prefill`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .config import SemShareConfig
+from .fingerprint import prompt_vector, token_embeddings
+from .kv import ModelSignature, PackedKV
+from .matching import TokenMapping, map_tokens
+from .prefill import full_prefill, layer_step, model_step, selective_prefill
+from .pruning import layer_budgets, pruned_cache, retained_indices
+from .rope import check_rope_supported, rerotate_keys
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillStats:
+    """What a prefill did. Times in milliseconds."""
+
+    prompt_tokens: int
+    hit: bool = False
+    reused_tokens: int = 0
+    recomputed_tokens: int = 0
+    rows_per_layer: list[int] = field(default_factory=list)
+    retained_per_layer: list[int] = field(default_factory=list)
+    mapping: dict[str, int] = field(default_factory=dict)
+    mapping_ms: float = 0.0
+    gather_ms: float = 0.0
+    prefill_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PrefillResult:
+    """A prefilled prompt, ready to decode.
+
+    ``logits``: float32 ``[vocab]`` for the last prompt token. ``cache``: the decode
+    cache (pruned per layer on hits with retention < 1). ``keys``/``values``: the
+    prompt's full KV per layer, ``[1, H, n, D]`` (export source).
+    """
+
+    ids: np.ndarray
+    logits: torch.Tensor
+    cache: object
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    stats: PrefillStats
+    mapping: TokenMapping | None = None
+    explicit_positions: bool = False
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when ``temperature <= 0``; else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cut = torch.cumsum(sp, 0) - sp >= top_p  # drop tokens once the kept mass reaches top_p
+        sp = sp.masked_fill(cut, 0.0)
+        choice = torch.multinomial(sp / sp.sum(), 1, generator=generator)
+        return int(si[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class SemShareEngine:
+    """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: SemShareConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or SemShareConfig()
+        check_rope_supported(model)
+        self.signature = ModelSignature.of(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = model.config.num_hidden_layers
+        eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        self.lock = threading.RLock()
+
+    # prompts ---------------------------------------------------------------------
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+
+    def encode_chat(self, messages: Sequence[dict]) -> np.ndarray:
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def fingerprint(self, ids: np.ndarray) -> np.ndarray:
+        """Retrieval vector ``float32 [fingerprint_dim]`` (unit norm)."""
+        return prompt_vector(ids, self.config.ngram, self.config.fingerprint_dim)
+
+    # prefill ---------------------------------------------------------------------
+    def prefill(self, ids: np.ndarray, reference: PackedKV | None = None,
+                config: SemShareConfig | None = None) -> PrefillResult:
+        """Prefill ``ids`` ``[n]``; with ``reference`` reuse its KV (selective recompute)."""
+        cfg = config or self.config
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("empty prompt")
+        with self.lock, torch.inference_mode():
+            if reference is not None and ids.size >= cfg.min_reuse_tokens and reference.seq_len > 0:
+                self.signature.check(reference.signature)
+                return self._prefill_hit(ids, reference, cfg)
+            t0 = time.perf_counter()
+            logits, cache = full_prefill(self.model, torch.from_numpy(ids))
+            ms = (time.perf_counter() - t0) * 1e3
+            n = int(ids.size)
+            stats = PrefillStats(prompt_tokens=n, recomputed_tokens=n, rows_per_layer=[n] * self.num_layers,
+                                 retained_per_layer=[n] * self.num_layers, prefill_ms=ms)
+            keys = [layer.keys for layer in cache.layers]
+            values = [layer.values for layer in cache.layers]
+            return PrefillResult(ids, logits, cache, keys, values, stats)
+
+    def map_to_reference(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig | None = None) -> TokenMapping:
+        cfg = cfg or self.config
+        t = torch.from_numpy(ids)
+        r = torch.from_numpy(np.ascontiguousarray(reference.token_ids))
+        return map_tokens(ids, reference.token_ids, token_embeddings(self.model, t).cpu(),
+                          token_embeddings(self.model, r).cpu(), anchor=cfg.anchor_ngram, lsh_bits=cfg.lsh_bits,
+                          lsh_tables=cfg.lsh_tables, fuzzy_min_cos=cfg.fuzzy_min_cos, seed=cfg.seed)
+
+    def gather_reference(self, reference: PackedKV, mapping: TokenMapping) -> torch.Tensor:
+        """Reference KV in target order, keys re-rotated: ``[L, 2, H, n, D]`` (new memory)."""
+        idx = torch.from_numpy(mapping.ref_index)
+        kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
+        delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
+        kv[:, 0] = rerotate_keys(kv[:, 0], delta, self.model)
+        return kv
+
+    def _prefill_hit(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig) -> PrefillResult:
+        n, L = int(ids.size), self.num_layers
+        t0 = time.perf_counter()
+        mapping = self.map_to_reference(ids, reference, cfg)
+        t1 = time.perf_counter()
+        kv = self.gather_reference(reference, mapping)
+        t2 = time.perf_counter()
+        prune = cfg.retention < 1.0
+        out = selective_prefill(self.model, torch.from_numpy(ids), kv,
+                                torch.from_numpy(mapping.must_recompute), cfg, record_attention=prune)
+        kept = None
+        if prune:
+            floor = min(n, cfg.sink_tokens + cfg.window)
+            budgets = [max(b, floor) for b in layer_budgets(n, L, cfg.retention_share)]
+            kept = [retained_indices(out.importance[l], budgets[l], cfg.recovery, cfg.sink_tokens, cfg.window)
+                    for l in range(L)]
+        cache = pruned_cache(out.keys, out.values, kept)
+        t3 = time.perf_counter()
+        recomputed = out.rows_per_layer[1] if L > 1 else n
+        stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
+                             rows_per_layer=out.rows_per_layer,
+                             retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
+                             mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
+                             prefill_ms=(t3 - t2) * 1e3)
+        return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True)
+
+    # decode ----------------------------------------------------------------------
+    def decode(self, pre: PrefillResult, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
+        """Stream generated token ids. The prefill's cache is consumed (mutated)."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,))))
+        logits, pos = pre.logits, int(pre.ids.size)
+        for i in range(max_new_tokens):
+            tok = sample_token(logits.cpu(), temperature, top_p, gen)
+            yield tok
+            if (stop_on_eos and tok in self.eos_ids) or i + 1 == max_new_tokens:
+                return
+            with self.lock, torch.inference_mode():
+                if pre.explicit_positions:
+                    logits = layer_step(self.model, tok, pos, pre.cache)
+                else:
+                    logits = model_step(self.model, tok, pre.cache)
+            pos += 1
+
+    def generate(self, ids: np.ndarray, reference: PackedKV | None = None, **decode_kw) -> tuple[list[int], PrefillStats]:
+        pre = self.prefill(ids, reference)
+        return list(self.decode(pre, **decode_kw)), pre.stats
+
+    # registration ----------------------------------------------------------------
+    def export_kv(self, pre: PrefillResult) -> PackedKV:
+        """The prompt's full KV (before pruning), packed for the index."""
+        return PackedKV.from_layers(list(zip(pre.keys, pre.values)), pre.ids, self.signature)

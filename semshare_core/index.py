@@ -1,0 +1,169 @@
+"""`SemanticIndex`: prompts' retrieval vectors in faiss, with their KV payloads.
+
+Plain class (no Ray): the server's index actor wraps it. One faiss inner-product
+index per tenant, so a lookup can only ever see its own tenant's entries. Capacity is
+bounded by ``max_items`` AND ``max_bytes`` (globally, and optionally per tenant);
+when an insert would exceed a bound, least-recently-used entries are evicted first
+(entries of the same tenant first when a tenant quota is what is exceeded).
+The payload is opaque (a :class:`~semshare_core.kv.PackedKV`, or an object-store
+reference in the server); ``nbytes`` is what counts against the byte cap.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class IndexEntry:
+    key: str
+    tenant: str
+    token_ids: np.ndarray
+    nbytes: int
+    payload: Any
+    created: float = field(default_factory=time.time)
+    hits: int = 0
+    faiss_id: int = -1
+
+
+@dataclass(frozen=True)
+class Match:
+    """A lookup result above the threshold: the entry and its cosine similarity."""
+
+    entry: IndexEntry
+    similarity: float
+
+
+class SemanticIndex:
+    """Top-1 semantic lookup with LRU eviction by items and bytes."""
+
+    def __init__(self, dim: int, max_items: int = 1024, max_bytes: int = 1 << 30,
+                 tenant_max_items: int | None = None, tenant_max_bytes: int | None = None):
+        if dim <= 0 or max_items <= 0 or max_bytes <= 0:
+            raise ValueError("dim, max_items and max_bytes must be positive")
+        self.dim, self.max_items, self.max_bytes = dim, max_items, max_bytes
+        self.tenant_max_items, self.tenant_max_bytes = tenant_max_items, tenant_max_bytes
+        self._entries: OrderedDict[str, IndexEntry] = OrderedDict()  # LRU order: oldest first
+        self._faiss: dict[str, faiss.IndexIDMap2] = {}
+        self._by_id: dict[int, str] = {}
+        self._ids = itertools.count(1)
+        self._bytes = 0
+        self._tenant_bytes: dict[str, int] = defaultdict(int)
+        self._tenant_items: dict[str, int] = defaultdict(int)
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "inserts": 0, "rejected": 0}
+
+    # writes ----------------------------------------------------------------------
+    def add(self, key: str, vector: np.ndarray, token_ids: np.ndarray, nbytes: int, payload: Any,
+            tenant: str = "default") -> list[IndexEntry]:
+        """Insert (or replace) ``key``; returns the entries evicted to make room."""
+        vec = self._check_vector(vector)
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        if nbytes > self.max_bytes or (self.tenant_max_bytes is not None and nbytes > self.tenant_max_bytes):
+            self.counters["rejected"] += 1
+            raise ValueError(f"entry of {nbytes} bytes exceeds the cache's byte cap")
+        if key in self._entries:
+            self.remove(key)
+        evicted = self._make_room(tenant, nbytes)
+        fid = next(self._ids)
+        index = self._faiss.get(tenant)
+        if index is None:
+            index = self._faiss[tenant] = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        index.add_with_ids(vec[None], np.array([fid], dtype=np.int64))
+        entry = IndexEntry(key, tenant, np.asarray(token_ids, dtype=np.int64).reshape(-1), int(nbytes), payload,
+                           faiss_id=fid)
+        self._entries[key] = entry
+        self._by_id[fid] = key
+        self._bytes += entry.nbytes
+        self._tenant_bytes[tenant] += entry.nbytes
+        self._tenant_items[tenant] += 1
+        self.counters["inserts"] += 1
+        return evicted
+
+    def remove(self, key: str) -> IndexEntry | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        self._faiss[entry.tenant].remove_ids(np.array([entry.faiss_id], dtype=np.int64))
+        del self._by_id[entry.faiss_id]
+        self._bytes -= entry.nbytes
+        self._tenant_bytes[entry.tenant] -= entry.nbytes
+        self._tenant_items[entry.tenant] -= 1
+        return entry
+
+    def clear(self, tenant: str | None = None) -> list[IndexEntry]:
+        """Remove every entry (of ``tenant`` if given); returns them."""
+        keys = [k for k, e in self._entries.items() if tenant is None or e.tenant == tenant]
+        return [self.remove(k) for k in keys]
+
+    def _make_room(self, tenant: str, nbytes: int) -> list[IndexEntry]:
+        evicted = []
+
+        def over_tenant() -> bool:
+            return ((self.tenant_max_items is not None and self._tenant_items[tenant] + 1 > self.tenant_max_items)
+                    or (self.tenant_max_bytes is not None and self._tenant_bytes[tenant] + nbytes > self.tenant_max_bytes))
+
+        while over_tenant():
+            oldest = next(k for k, e in self._entries.items() if e.tenant == tenant)
+            evicted.append(self.remove(oldest))
+        while self._entries and (len(self._entries) + 1 > self.max_items or self._bytes + nbytes > self.max_bytes):
+            evicted.append(self.remove(next(iter(self._entries))))
+        self.counters["evictions"] += len(evicted)
+        return evicted
+
+    # reads -----------------------------------------------------------------------
+    def search(self, vector: np.ndarray, tenant: str = "default", k: int = 4) -> list[tuple[IndexEntry, float]]:
+        """Best ``k`` entries of ``tenant`` by cosine, no side effects."""
+        index = self._faiss.get(tenant)
+        if index is None or index.ntotal == 0:
+            return []
+        sims, ids = index.search(self._check_vector(vector)[None], min(k, index.ntotal))
+        return [(self._entries[self._by_id[int(i)]], float(s)) for s, i in zip(sims[0], ids[0]) if i >= 0]
+
+    def lookup(self, vector: np.ndarray, tenant: str = "default", threshold: float = 0.3) -> Match | None:
+        """Best entry of ``tenant`` if its similarity >= ``threshold`` (marks it used)."""
+        found = self.search(vector, tenant, k=1)
+        if not found or found[0][1] < threshold:
+            self.counters["misses"] += 1
+            return None
+        entry, sim = found[0]
+        self._entries.move_to_end(entry.key)
+        entry.hits += 1
+        self.counters["hits"] += 1
+        return Match(entry, sim)
+
+    def get(self, key: str) -> IndexEntry | None:
+        return self._entries.get(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def stats(self, tenant: str | None = None) -> dict:
+        if tenant is not None:
+            return {"tenant": tenant, "entries": self._tenant_items.get(tenant, 0),
+                    "bytes": self._tenant_bytes.get(tenant, 0)}
+        return {"entries": len(self._entries), "bytes": self._bytes, "max_items": self.max_items,
+                "max_bytes": self.max_bytes, **self.counters,
+                "tenants": {t: {"entries": c, "bytes": self._tenant_bytes[t]}
+                            for t, c in self._tenant_items.items() if c}}
+
+    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
+        vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+        if vec.shape[0] != self.dim:
+            raise ValueError(f"vector has dim {vec.shape[0]}, index expects {self.dim}")
+        if not np.all(np.isfinite(vec)):
+            raise ValueError("vector has non-finite values")
+        return vec
