@@ -1,0 +1,214 @@
+"""Exactness invariants of the SemShare prefill on tiny random Llama and Mistral (float32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from semshare_core import KVMismatchError
+from semshare_core.matching import NONE
+
+from .tiny import prose, tiny_engine
+
+
+def _prompt(engine, start=0, count=12):
+    return engine.encode(" ".join(prose(start, count)))
+
+
+def test_no_reference_matches_generate(engine):
+    ids = _prompt(engine)
+    t = torch.from_numpy(ids)[None]
+    out = engine.model.generate(t, max_new_tokens=12, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    pre = engine.prefill(ids, reference=None)
+    assert not pre.stats.hit
+    assert torch.equal(pre.logits, out.logits[0][0].float())
+    toks = list(engine.decode(pre, max_new_tokens=12, temperature=0.0, stop_on_eos=False))
+    assert toks == out.sequences[0, ids.size:].tolist()
+
+
+def test_reference_identical_recompute_zero(engine):
+    ids = _prompt(engine)
+    full = engine.prefill(ids)
+    ref = engine.export_kv(full)
+    hit = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.0))
+    assert hit.stats.hit and hit.stats.rows_per_layer[1:] == [1] * (engine.num_layers - 1)
+    rel = (hit.logits - full.logits).abs().max() / full.logits.abs().max()
+    assert rel < 1e-4
+
+
+def test_recompute_all_equals_full_prefill_for_any_reference(engine):
+    ids = _prompt(engine, 0, 12)
+    other = engine.export_kv(engine.prefill(_prompt(engine, 300, 10)))
+    full = engine.prefill(ids)
+    hit = engine.prefill(ids, other, engine.config.with_(recompute_ratio=1.0))
+    assert hit.stats.hit and hit.stats.rows_per_layer == [ids.size] * engine.num_layers
+    torch.testing.assert_close(hit.logits, full.logits, rtol=1e-5, atol=1e-5)
+    for l in range(engine.num_layers):
+        torch.testing.assert_close(hit.keys[l], full.keys[l], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hit.values[l], full.values[l], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,rope", [("llama", "default"), ("mistral", "default"), ("llama", "llama3")])
+def test_rerotated_layer0_kv_equals_full_prefill(arch, rope):
+    engine = tiny_engine(arch, rope)
+    sents = prose(20, 12)
+    ref_ids = engine.encode(" ".join(sents))
+    tgt_ids = engine.encode(" ".join(sents[:1] + ["An entirely new sentence is inserted right here, shifting things."] + sents[1:]))
+    ref = engine.export_kv(engine.prefill(ref_ids))
+    mapping = engine.map_to_reference(tgt_ids, ref)
+    exact = torch.from_numpy(mapping.exact)
+    shifted = torch.from_numpy(mapping.ref_index != np.arange(tgt_ids.size)) & exact
+    assert int(shifted.sum()) > 0.5 * tgt_ids.size  # positions really moved
+    gathered = engine.gather_reference(ref, mapping)
+    full = engine.prefill(tgt_ids)
+    torch.testing.assert_close(gathered[0, 0][:, exact], full.keys[0][0][:, exact], rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(gathered[0, 1][:, exact], full.values[0][0][:, exact], rtol=1e-4, atol=2e-5)
+    # without re-rotation the shifted keys would be wrong: the check above can fail
+    raw = ref.to_torch()[0, 0].index_select(1, torch.from_numpy(mapping.ref_index))
+    assert not torch.allclose(raw[:, shifted], full.keys[0][0][:, shifted], atol=1e-3)
+
+
+def test_retention_one_changes_nothing(engine):
+    ids = _prompt(engine, 40, 12)
+    ref = engine.export_kv(engine.prefill(_prompt(engine, 40, 11)))
+    a = engine.prefill(ids, ref)
+    b = engine.prefill(ids, ref, engine.config.with_(retention=1.0, recovery=0.5))
+    assert torch.equal(a.logits, b.logits)
+    assert b.stats.retained_per_layer == [ids.size] * engine.num_layers
+    assert list(engine.decode(a, 8, 0.0, stop_on_eos=False)) == list(engine.decode(b, 8, 0.0, stop_on_eos=False))
+
+
+def test_compute_is_really_saved(engine):
+    """Hooks count the rows each decoder layer processes during a hit: only one pass, |S| rows after layer 0."""
+    sents = prose(60, 14)
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
+    ids = engine.encode(" ".join(sents[:5] + ["A short new sentence replaces an old one here."] + sents[6:]))
+    calls: list[tuple[int, int]] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: calls.append((i, (a[0] if a else kw["hidden_states"]).shape[1])), with_kwargs=True)
+             for i, layer in enumerate(engine.model.model.layers)]
+    try:
+        pre = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.3))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = ids.size
+    assert [i for i, _ in calls] == list(range(engine.num_layers)), "each layer runs exactly once"
+    assert calls[0][1] == n
+    selected = int(np.ceil(0.3 * n))
+    forced = int(pre.mapping.must_recompute.sum()) + engine.config.window
+    for _, rows in calls[1:]:
+        assert rows <= selected + forced < n
+    assert pre.stats.rows_per_layer == [r for _, r in calls]
+
+
+def test_reused_kv_really_feeds_generation(engine):
+    sents = prose(80, 12)
+    ref_ids = engine.encode(" ".join(sents))
+    ids = engine.encode(" ".join(sents[:3] + ["Something different is said in this sentence."] + sents[4:]))
+    ref = engine.export_kv(engine.prefill(ref_ids))
+    cfg = engine.config.with_(recompute_ratio=0.2)
+    base = engine.prefill(ids, ref, cfg)
+    again = engine.prefill(ids, ref, cfg)
+    assert torch.equal(base.logits, again.logits)
+    # rows layer 1 did not recompute still hold the gathered reference KV bit for bit
+    gathered = engine.gather_reference(ref, base.mapping)
+    untouched = torch.eq(base.keys[1][0], gathered[1, 0]).all(dim=(0, 2)).numpy()
+    reused = np.nonzero(untouched)[0]
+    assert reused.size > ids.size // 2
+    mapping = base.mapping
+    data = ref.data.copy()
+    ref_rows = np.unique(mapping.ref_index[reused])
+    data[1:, :, :, ref_rows] += 0.5
+    corrupted = type(ref)(data, ref.dtype, ref.token_ids, ref.signature)
+    bad = engine.prefill(ids, corrupted, cfg)
+    assert not torch.allclose(bad.logits, base.logits, atol=1e-4)
+
+
+def test_pruned_cache_respects_budget_and_decodes_at_true_positions(engine):
+    sents = prose(100, 14)
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
+    ids = engine.encode(" ".join(sents[:7] + ["Yet another new sentence goes in the middle."] + sents[8:]))
+    cfg = engine.config.with_(retention=0.4, recovery=1.0, window=4, sink_tokens=2)
+    pre = engine.prefill(ids, ref, cfg)
+    n, L = ids.size, engine.num_layers
+    budgets = [max(int(np.ceil(n * cfg.retention_share(l, L))), cfg.sink_tokens + cfg.window) for l in range(L)]
+    assert pre.stats.retained_per_layer[0] == n
+    assert all(k <= b for k, b in zip(pre.stats.retained_per_layer, budgets))
+    assert pre.stats.retained_per_layer[-1] < n
+    for l in range(L):
+        assert pre.cache.layers[l].keys.shape[2] == pre.stats.retained_per_layer[l]
+
+    # positions fed to RoPE during decode continue from n, not from the pruned length
+    seen = []
+    rot = engine.model.model.rotary_emb
+    h = rot.register_forward_hook(lambda m, a, kw, out: seen.append(int(kw.get("position_ids", a[1] if len(a) > 1 else None).reshape(-1)[-1])), with_kwargs=True)
+    try:
+        toks = list(engine.decode(pre, max_new_tokens=5, temperature=0.0, stop_on_eos=False))
+    finally:
+        h.remove()
+    assert seen == [n, n + 1, n + 2, n + 3]
+
+    # decoding with the pruned cache == decoding with the full KV and the dropped tokens masked out
+    pre2 = engine.prefill(ids, ref, cfg)
+    kept = [set(_kept_rows(pre2, l)) for l in range(L)]
+    ref_toks = _masked_decode(engine, pre2, kept, steps=5)
+    assert toks == ref_toks
+
+
+def _kept_rows(pre, layer):
+    full_k = pre.keys[layer][0]
+    kept_k = pre.cache.layers[layer].keys[0]
+    # kept rows are the full-buffer rows equal to the pruned cache rows, in order
+    idx, j = [], 0
+    for i in range(full_k.shape[1]):
+        if j < kept_k.shape[1] and torch.equal(full_k[:, i], kept_k[:, j]):
+            idx.append(i)
+            j += 1
+    assert j == kept_k.shape[1]
+    return idx
+
+
+@torch.no_grad()
+def _masked_decode(engine, pre, kept, steps):
+    from transformers import DynamicCache
+
+    model = engine.model
+    base = model.model
+    n = pre.ids.size
+    cache = DynamicCache()
+    for l, (k, v) in enumerate(zip(pre.keys, pre.values)):
+        cache.update(k.clone(), v.clone(), l)
+    logits, toks = pre.logits, []
+    for t in range(steps):
+        tok = int(torch.argmax(logits))
+        toks.append(tok)
+        if t + 1 == steps:
+            break
+        pos = torch.tensor([[n + t]])
+        hidden = base.embed_tokens(torch.tensor([[tok]]))
+        pe = base.rotary_emb(hidden, pos)
+        for l, layer in enumerate(base.layers):
+            allowed = torch.zeros(1, 1, 1, n + t + 1, dtype=torch.bool)
+            allowed[..., sorted(kept[l])] = True
+            allowed[..., n:] = True
+            hidden = layer(hidden, attention_mask=allowed, position_ids=pos, position_embeddings=pe, cache=cache)
+        logits = model.lm_head(base.norm(hidden))[0, -1]
+    return toks
+
+
+def test_kv_from_another_model_is_refused():
+    llama, mistral = tiny_engine("llama"), tiny_engine("mistral")
+    ids = llama.encode(" ".join(prose(0, 10)))
+    ref = mistral.export_kv(mistral.prefill(ids))
+    with pytest.raises(KVMismatchError, match="different model"):
+        llama.prefill(ids, ref)
+
+
+def test_unmatched_tokens_are_always_recomputed(engine):
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(prose(120, 10)))))
+    ids = engine.encode(" ".join(prose(120, 10)) + " zqxj vvkw " * 3)
+    pre = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.0, fuzzy_min_cos=1.0))
+    none = np.nonzero(pre.mapping.kind == NONE)[0]
+    assert none.size > 0
+    assert all(r >= none.size for r in pre.stats.rows_per_layer)

@@ -1,0 +1,84 @@
+"""SemanticIndex: lookup threshold, tenants, LRU eviction by items and bytes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semshare_core import SemanticIndex, prompt_vector
+
+
+def vec(seed: int, dim: int = 64) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_lookup_threshold_and_hit_counters():
+    idx = SemanticIndex(64, max_items=10, max_bytes=10_000)
+    idx.add("a", vec(1), np.arange(3), 100, "A")
+    m = idx.lookup(vec(1), threshold=0.99)
+    assert m is not None and m.entry.payload == "A" and m.similarity == pytest.approx(1.0, abs=1e-5)
+    assert idx.lookup(vec(2), threshold=0.5) is None
+    s = idx.stats()
+    assert s["hits"] == 1 and s["misses"] == 1 and s["entries"] == 1 and s["bytes"] == 100
+
+
+def test_tenants_never_see_each_other():
+    idx = SemanticIndex(64)
+    idx.add("a", vec(1), np.arange(3), 10, "A", tenant="alice")
+    assert idx.lookup(vec(1), tenant="bob", threshold=-1.0) is None
+    assert idx.lookup(vec(1), tenant="alice", threshold=0.9).entry.key == "a"
+    idx.add("b", vec(1), np.arange(3), 10, "B", tenant="bob")
+    assert idx.lookup(vec(1), tenant="bob", threshold=0.9).entry.payload == "B"
+    idx.clear(tenant="alice")
+    assert idx.lookup(vec(1), tenant="alice", threshold=-1) is None and len(idx) == 1
+
+
+def test_lru_eviction_by_items():
+    idx = SemanticIndex(64, max_items=3, max_bytes=10**9)
+    for i in range(3):
+        idx.add(f"k{i}", vec(i), np.arange(2), 1, i)
+    idx.lookup(vec(0), threshold=0.99)          # k0 becomes most recent
+    evicted = idx.add("k3", vec(3), np.arange(2), 1, 3)
+    assert [e.key for e in evicted] == ["k1"]
+    assert "k0" in idx and "k1" not in idx and len(idx) == 3
+
+
+def test_eviction_by_bytes_keeps_under_cap_and_oversize_is_rejected():
+    idx = SemanticIndex(64, max_items=100, max_bytes=1000)
+    for i in range(10):
+        idx.add(f"k{i}", vec(i), np.arange(2), 300, i)
+        assert idx.nbytes <= 1000
+    assert len(idx) == 3 and idx.stats()["evictions"] == 7
+    with pytest.raises(ValueError, match="byte cap"):
+        idx.add("big", vec(99), np.arange(2), 1001, None)
+
+
+def test_tenant_quota_evicts_only_that_tenant():
+    idx = SemanticIndex(64, max_items=100, max_bytes=10**6, tenant_max_items=2)
+    idx.add("b0", vec(50), np.arange(2), 1, 0, tenant="bob")
+    for i in range(4):
+        idx.add(f"a{i}", vec(i), np.arange(2), 1, i, tenant="alice")
+    assert idx.stats("alice")["entries"] == 2 and "b0" in idx
+
+
+def test_replace_same_key_and_bad_vectors():
+    idx = SemanticIndex(64)
+    idx.add("a", vec(1), np.arange(2), 10, 1)
+    idx.add("a", vec(2), np.arange(2), 20, 2)
+    assert len(idx) == 1 and idx.nbytes == 20 and idx.lookup(vec(2), threshold=0.99).entry.payload == 2
+    with pytest.raises(ValueError, match="dim"):
+        idx.add("b", np.ones(3), np.arange(2), 1, None)
+    with pytest.raises(ValueError, match="non-finite"):
+        idx.lookup(np.full(64, np.nan))
+
+
+def test_prompt_vectors_rank_variants_first():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 5000, 400) for _ in range(5)]
+    idx = SemanticIndex(4096)
+    for i, d in enumerate(docs):
+        idx.add(f"d{i}", prompt_vector(d), d, 1, i)
+    variant = docs[3].copy()
+    variant[100:180] = rng.integers(0, 5000, 80)
+    m = idx.lookup(prompt_vector(variant), threshold=0.3)
+    assert m is not None and m.entry.key == "d3" and 0.5 < m.similarity < 1.0

@@ -1,0 +1,91 @@
+"""Packed KV: layout, signature checks, wire format robustness."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from semshare_core import KVFormatError, KVMismatchError, ModelSignature, PackedKV
+from semshare_core.models import tiny_random_model
+
+from .tiny import prose, tiny_engine
+
+
+def _packed(seq=7, dtype=torch.float32):
+    sig = ModelSignature("X", 2, 2, 4, 8, 10, "{}", "abc")
+    layers = [(torch.randn(1, 2, seq, 4, dtype=dtype), torch.randn(1, 2, seq, 4, dtype=dtype)) for _ in range(2)]
+    return PackedKV.from_layers(layers, np.arange(seq), sig), layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layout_and_roundtrip(dtype):
+    p, layers = _packed(dtype=dtype)
+    assert p.data.shape == (2, 2, 2, 7, 4) and p.data.flags.c_contiguous
+    t = p.to_torch()
+    assert t.dtype == dtype
+    assert torch.equal(t[1, 0], layers[1][0][0]) and torch.equal(t[0, 1], layers[0][1][0])
+    q = PackedKV.from_bytes(p.to_bytes())
+    assert q.signature == p.signature and q.dtype == p.dtype
+    assert np.array_equal(q.data, p.data) and np.array_equal(q.token_ids, p.token_ids)
+    assert p.nbytes == p.data.nbytes + p.token_ids.nbytes
+
+
+def test_corrupted_and_truncated_blobs_are_rejected():
+    blob = _packed()[0].to_bytes()
+    with pytest.raises(KVFormatError):
+        PackedKV.from_bytes(blob[:-10])
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0xFF
+    with pytest.raises(KVFormatError, match="checksum"):
+        PackedKV.from_bytes(bytes(flipped))
+    with pytest.raises(KVFormatError):
+        PackedKV.from_bytes(b"garbage")
+
+
+def test_shape_mismatch_is_rejected():
+    p, _ = _packed()
+    with pytest.raises(KVFormatError, match="shape"):
+        PackedKV(p.data[:, :, :, :3], p.dtype, p.token_ids, p.signature)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_never_crash_the_decoder(blob):
+    try:
+        PackedKV.from_bytes(blob)
+    except KVFormatError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2000), st.integers(0, 255))
+def test_any_single_byte_flip_is_detected(pos, val):
+    blob = bytearray(_packed(seq=3)[0].to_bytes())
+    pos %= len(blob)
+    if blob[pos] == val:
+        return
+    blob[pos] = val
+    with pytest.raises(KVFormatError):
+        PackedKV.from_bytes(bytes(blob))
+
+
+def test_signature_tells_models_apart():
+    a = tiny_random_model("llama", seed=0)
+    b = tiny_random_model("llama", seed=1)
+    sa, sb = ModelSignature.of(a), ModelSignature.of(b)
+    assert sa == ModelSignature.of(tiny_random_model("llama", seed=0))
+    assert sa.weights != sb.weights
+    with pytest.raises(KVMismatchError, match="weights"):
+        sa.check(sb)
+
+
+def test_export_matches_prefill_cache():
+    eng = tiny_engine("llama")
+    ids = eng.encode(" ".join(prose(0, 4)))
+    pre = eng.prefill(ids)
+    p = eng.export_kv(pre)
+    L, H = eng.num_layers, eng.model.config.num_key_value_heads
+    assert p.data.shape == (L, 2, H, ids.size, eng.signature.head_dim)
+    assert torch.equal(p.to_torch()[2, 0], pre.cache.layers[2].keys[0])
