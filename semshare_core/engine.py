@@ -28,7 +28,7 @@ from .kv import ModelSignature, PackedKV
 from .matching import TokenMapping, map_tokens
 from .prefill import full_prefill, layer_step, model_step, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
-from .rope import check_rope_supported, rerotate_keys
+from .rope import Rerotator
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SemShareEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or SemShareConfig()
-        check_rope_supported(model)
+        self.rerotate = Rerotator(model)
         self.signature = ModelSignature.of(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -153,7 +153,7 @@ class SemShareEngine:
         idx = torch.from_numpy(mapping.ref_index)
         kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
         delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
-        kv[:, 0] = rerotate_keys(kv[:, 0], delta, self.model)
+        kv[:, 0] = self.rerotate(kv[:, 0], delta)
         return kv
 
     def _prefill_hit(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig) -> PrefillResult:

@@ -41,22 +41,68 @@ def check_rope_supported(model: torch.nn.Module) -> None:
         raise ValueError(f"rope type {rope_type!r} depends on sequence length; key re-rotation is not exact")
 
 
-@torch.no_grad()
-def rerotate_keys(keys: torch.Tensor, delta: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """Rotate ``keys`` ``[..., heads, n, head_dim]`` by ``delta`` ``[n]`` positions.
+def _rotate_half_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for the half-split layout, in 4 fused passes.
 
-    Computed in float32 and returned in ``keys.dtype``.
+    ``x`` float32 ``[..., n, D]``; ``cos``/``sin`` ``[n, D]`` (halves duplicated).
     """
-    rot = rotary_module(model)
+    h = x.shape[-1] // 2
+    c, s = cos[:, :h], sin[:, :h]
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty_like(x)
+    torch.mul(x1, c, out=out[..., :h])
+    out[..., :h].addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=out[..., h:])
+    out[..., h:].addcmul_(x1, s)
+    return out
+
+
+def _uses_half_split(model: torch.nn.Module) -> bool:
+    """Check once that the model's own ``apply_rotary_pos_emb`` is the half-split rotation."""
     apply = apply_rotary_fn(model)
-    x = keys.float()
-    dummy = torch.empty(1, 1, 1, dtype=torch.float32, device=keys.device)
-    cos, sin = rot(dummy, delta.to(keys.device).reshape(1, -1))  # [1, n, head_dim]
-    cos, sin = cos.float(), sin.float()
-    scale = float(getattr(rot, "attention_scaling", 1.0))
-    if scale != 1.0:
-        cos, sin = cos / scale, sin / scale
-    lead = x.shape[:-3]
-    flat = x.reshape(-1, *x.shape[-3:])  # [B, heads, n, head_dim]
-    _, out = apply(flat, flat, cos, sin)
-    return out.reshape(*lead, *out.shape[-3:]).to(keys.dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 5, 8, generator=g)
+    ang = torch.randn(5, 4, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    _, ref = apply(x, x, cos[None], sin[None])
+    return torch.allclose(ref, _rotate_half_inplace(x, cos, sin), atol=1e-6)
+
+
+class Rerotator:
+    """Rotates reused keys by position deltas with the model's own rotary embedding.
+
+    Built once per model. The rotation uses a fused half-split kernel when the model's
+    ``apply_rotary_pos_emb`` is verified to be that rotation (Llama, Mistral), else the
+    model's function itself.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        check_rope_supported(model)
+        self.model = model
+        self.rot = rotary_module(model)
+        self.apply = apply_rotary_fn(model)
+        self.fast = _uses_half_split(model)
+
+    @torch.no_grad()
+    def __call__(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys`` ``[..., heads, n, head_dim]`` by ``delta`` ``[n]`` positions.
+
+        Computed in float32 and returned in ``keys.dtype``.
+        """
+        dummy = torch.empty(1, 1, 1, dtype=torch.float32, device=keys.device)
+        cos, sin = self.rot(dummy, delta.to(keys.device).reshape(1, -1))  # [1, n, head_dim]
+        cos, sin = cos[0].float(), sin[0].float()
+        scale = float(getattr(self.rot, "attention_scaling", 1.0))
+        if scale != 1.0:
+            cos, sin = cos / scale, sin / scale
+        x = keys.float()
+        if self.fast:
+            return _rotate_half_inplace(x, cos, sin).to(keys.dtype)
+        flat = x.reshape(-1, *x.shape[-3:])  # [B, heads, n, head_dim]
+        _, out = self.apply(flat, flat, cos[None], sin[None])
+        return out.reshape(x.shape).to(keys.dtype)
+
+
+def rerotate_keys(keys: torch.Tensor, delta: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """One-off convenience: ``Rerotator(model)(keys, delta)``."""
+    return Rerotator(model)(keys, delta)

@@ -212,3 +212,16 @@ def test_unmatched_tokens_are_always_recomputed(engine):
     none = np.nonzero(pre.mapping.kind == NONE)[0]
     assert none.size > 0
     assert all(r >= none.size for r in pre.stats.rows_per_layer)
+
+
+@pytest.mark.parametrize("arch,rope", [("llama", "default"), ("llama", "llama3"), ("mistral", "default")])
+def test_fused_rerotation_equals_model_apply_rotary(arch, rope):
+    from semshare_core.rope import Rerotator
+
+    rr = Rerotator(tiny_engine(arch, rope).model)
+    assert rr.fast
+    keys = torch.randn(3, 2, 50, 16)
+    delta = torch.randint(-300, 300, (50,))
+    fast = rr(keys, delta)
+    rr.fast = False
+    torch.testing.assert_close(fast, rr(keys, delta), rtol=1e-5, atol=1e-5)
