@@ -1,0 +1,38 @@
+"""App builder: ``serve run serve_app.app:build_app [key=value ...]`` or ``serve_config.yaml``.
+
+``build_app(args)`` validates the args (:class:`serve_app.settings.AppArgs`, a preset
+from ``configs/`` overlaid by explicit keys) and binds::
+
+    Ingress (FastAPI, 1 replica)  ->  LLMServer (num_replicas, num_cpus / num_gpus each)
+                                          -> IndexActor (named, detached, created on first use)
+"""
+from __future__ import annotations
+
+from ray.serve import Application
+
+from .ingress import Ingress
+from .llm_server import LLMServer
+from .settings import AppArgs, resolve_args
+
+
+def build_app(args: dict | None = None) -> Application:
+    a: AppArgs = resolve_args(args)
+    d = a.model_dump()
+    actor_opts = {"num_cpus": a.num_cpus}
+    if a.num_gpus:
+        actor_opts["num_gpus"] = a.num_gpus
+    llm = LLMServer.options(
+        num_replicas=a.num_replicas,
+        ray_actor_options=actor_opts,
+        max_ongoing_requests=a.max_ongoing_requests,
+        max_queued_requests=a.max_queued_requests,
+    ).bind(d)
+    return Ingress.options(
+        num_replicas=a.ingress_num_replicas,
+        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        max_ongoing_requests=a.ingress_max_ongoing_requests,
+        max_queued_requests=a.max_queued_requests,
+    ).bind(llm, d)
+
+
+__all__ = ["build_app", "AppArgs"]
