@@ -1,0 +1,78 @@
+"""IndexActor on its own (same Ray session): ownership, nesting, tenants, byte-cap eviction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from semshare_core import SemShareEngine
+    from semshare_core.models import tiny_random
+
+    lm = tiny_random("llama")
+    return SemShareEngine(lm.model, lm.tokenizer)
+
+
+def _entry(engine, i: int):
+    from semshare_core.models import corpus_text
+
+    text = " ".join(corpus_text()[20000 + i * 3000: 20000 + i * 3000 + 500].split())
+    ids = engine.encode(text)
+    pre = engine.prefill(ids)
+    return ids, engine.fingerprint(ids), engine.export_kv(pre)
+
+
+def test_byte_cap_eviction_and_accounting(server, engine):
+    import ray
+
+    from serve_app.index_actor import get_or_create_index_actor
+
+    items = [_entry(engine, i) for i in range(6)]
+    per = max(p.nbytes for _, _, p in items)
+    cap = int(per * 3.5)
+    actor = get_or_create_index_actor("evict-test", "semshare_it", engine.config.fingerprint_dim,
+                                      max_items=100, max_bytes=cap, detached=False)
+    evicted = []
+    for i, (ids, vec, packed) in enumerate(items):
+        out = ray.get(actor.register.remote(f"t:e{i}", vec, ids, packed, "t"))
+        assert out["stored"] and out["nbytes"] == packed.nbytes
+        evicted += out["evicted"]
+        st = ray.get(actor.stats.remote())
+        assert st["bytes"] <= cap
+    assert evicted[:3] == ["t:e0", "t:e1", "t:e2"]  # LRU order
+    st = ray.get(actor.stats.remote())
+    assert st["entries"] == 3 and st["evictions"] == 3
+    audit = ray.get(actor.audit.remote())
+    assert audit["lost"] == [] and audit["sum_object_nbytes"] == audit["sum_entry_nbytes"] == st["bytes"]
+    assert st["bytes"] == sum(p.nbytes for _, _, p in items[3:])
+
+    # lookup: nested ref, only the caller's tenant, evicted entries gone
+    ids, vec, packed = items[5]
+    hit = ray.get(actor.lookup.remote(vec, "t", 0.3))
+    assert hit.key == "t:e5" and hit.similarity > 0.99 and hit.ref_token_count == ids.size
+    assert len(hit.refs) == 1 and isinstance(hit.refs[0], ray.ObjectRef)
+    got = ray.get(hit.refs[0])
+    assert np.array_equal(got.data, packed.data) and np.array_equal(got.token_ids, ids)
+    assert ray.get(actor.lookup.remote(vec, "other", 0.3)) is None
+    old = ray.get(actor.lookup.remote(items[0][1], "t", 0.9))
+    assert old is None or old.key != "t:e0"
+
+    # an entry bigger than the cap is refused, not an error
+    big = ray.get(actor.register.remote("t:big", vec, ids, packed, "t"))
+    assert big["stored"]  # fits
+    tiny = get_or_create_index_actor("evict-test-2", "semshare_it", engine.config.fingerprint_dim,
+                                     max_items=10, max_bytes=packed.nbytes - 1, detached=False)
+    out = ray.get(tiny.register.remote("t:x", vec, ids, packed, "t"))
+    assert out["stored"] is False and ray.get(tiny.stats.remote())["rejected"] == 1
+
+    # report_lost removes and counts; clear by tenant
+    assert ray.get(actor.report_lost.remote("t:e5")) is True
+    st = ray.get(actor.stats.remote())
+    assert st["lost_objects"] == 1
+    assert ray.get(actor.clear.remote("t")) == st["entries"]
+    assert ray.get(actor.stats.remote())["bytes"] == 0
+    ray.kill(actor)
+    ray.kill(tiny)
