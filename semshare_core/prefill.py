@@ -3,9 +3,12 @@
 Selective recompute (a hit), given target ids ``[n]`` and the reference KV gathered in
 target order with keys re-rotated to target positions, ``ref_kv [L, 2, H, n, D]``:
 
-* layer 0 runs on all n tokens; per-token deviation ``||K0 - K0_ref|| + ||V0 - V0_ref||``
-  picks the ``recompute_share(1) * n`` highest-deviation tokens, plus every unmatched
-  token and the last ``window`` tokens: the set ``S``;
+* layer 0 runs on all n tokens. Its own K/V cannot rank tokens (they depend only on
+  token and position, so every exactly matched token deviates by ~0), so the deviation
+  is taken one layer later: layer 1's K/V projections of layer 0's output (cheap, no
+  attention) vs the reused layer-1 K/V, ``||K1 - K1_ref|| + ||V1 - V1_ref||``. The
+  ``recompute_share(1) * n`` highest-deviation tokens, plus every unmatched token and
+  the last ``window`` tokens, form the set ``S``;
 * layers 1..L-1 run the stock decoder layer on ``hidden[:, S]`` only, with
   ``position_ids = S``, a :class:`ScatterCache` whose ``update`` writes the new K/V of
   ``S`` into the reused buffer and returns all n rows, and a mask where query ``S[i]``
@@ -107,6 +110,34 @@ def _visibility_mask(rows: torch.Tensor, n: int, impl: str, dtype: torch.dtype,
     return allowed
 
 
+def _next_layer_kv_deviation(model: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor,
+                             buffers: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor,
+                             sin: torch.Tensor) -> torch.Tensor | None:
+    """Deviation of every token's *next-layer* K/V from the reused K/V: ``[n]``.
+
+    Layer-0 K/V depend only on token and position, so after re-rotation they are
+    identical for every exactly matched token and rank nothing. The K/V that layer 1
+    would compute (from layer 0's output, which has attended to the new context) is the
+    first place a token's context shows; only its input norm and K/V projections are
+    run (no attention, no MLP). Returns None for decoders without the Llama layout.
+    """
+    attn = getattr(layer, "self_attn", None)
+    norm = getattr(layer, "input_layernorm", None)
+    if attn is None or norm is None or not hasattr(attn, "k_proj") or hasattr(attn, "k_norm"):
+        return None
+    from .rope import apply_rotary_fn
+
+    x = norm(hidden)
+    kb, vb = buffers
+    shape = (1, hidden.shape[1], -1, kb.shape[-1])
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    _, k = apply_rotary_fn(model)(k, k, cos, sin)
+    dk = (k.float() - kb.float()).pow(2).sum(dim=(0, 1, 3)).sqrt()
+    dv = (v.float() - vb.float()).pow(2).sum(dim=(0, 1, 3)).sqrt()
+    return dk + dv
+
+
 def _select(rows: torch.Tensor, deviation: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (into ``rows``) of the ``k`` highest-deviation rows plus all forced ones, in order."""
     if k >= rows.numel():
@@ -150,11 +181,15 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
             hidden = layer(hidden, attention_mask=mask, position_ids=rows[None],
                            position_embeddings=(cos[:, rows], sin[:, rows]), **{ckw: cache})
             rows_per_layer.append(int(rows.numel()))
+            deviation = cache.deviation
             if l == 0:
-                layer0_dev = cache.deviation.clone()
+                layer0_dev = deviation.clone()
+                if L > 1:
+                    probe = _next_layer_kv_deviation(model, layers[1], hidden, (cache.keys[1], cache.values[1]), cos, sin)
+                    deviation = probe if probe is not None else deviation
             if l + 1 < L:
                 k = math.ceil(cfg.recompute_share(l + 1) * n)
-                keep = _select(rows, cache.deviation, forced_all[rows], k)
+                keep = _select(rows, deviation, forced_all[rows], k)
                 if keep.numel() < rows.numel():
                     rows, hidden = rows[keep], hidden[:, keep]
         last = base.norm(hidden[:, -1:])

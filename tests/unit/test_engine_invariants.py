@@ -225,3 +225,22 @@ def test_fused_rerotation_equals_model_apply_rotary(arch, rope):
     fast = rr(keys, delta)
     rr.fast = False
     torch.testing.assert_close(fast, rr(keys, delta), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_skips_an_unchanged_prefix(engine):
+    """Tokens before the first edit have the reference's context: their K/V deviate by ~0 and are not recomputed."""
+    sents = prose(140, 14)
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
+    prefix_ids = engine.encode(" ".join(sents[:8]))
+    ids = engine.encode(" ".join(sents[:8] + ["This sentence was not in the reference text at all."] + sents[9:]))
+    assert np.array_equal(ids[:prefix_ids.size], prefix_ids)
+    seen = {}
+    layer1 = engine.model.model.layers[1]
+    h = layer1.register_forward_pre_hook(lambda m, a, kw: seen.update(rows=kw["position_ids"].reshape(-1).clone()), with_kwargs=True)
+    try:
+        pre = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.15))
+    finally:
+        h.remove()
+    rows = seen["rows"]
+    assert rows.numel() == pre.stats.rows_per_layer[1] < ids.size
+    assert int(rows.min()) >= prefix_ids.size - 2   # (the last prefix token may merge into the edit)
