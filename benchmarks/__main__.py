@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="GPU preset fitting one ~8 minute device run")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new pairs after this many seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch default; 1 for tiny-random]")
     p.add_argument("--name", default=None, help="result file stem [<model>-<device>]")
     p.add_argument("--out-dir", default=None, help="[benchmarks/results]")
     p.add_argument("--jsonl", action="store_true", help="print one JSON line per record to stdout as it goes")
@@ -75,7 +76,8 @@ def config_from_args(args: argparse.Namespace):
     bc = BenchConfig(model=args.model, device=args.device, dtype=args.dtype, model_shape=args.model_shape,
                      methods=args.methods, pruned_retention=args.pruned_retention,
                      memory_retentions=args.memory_retentions, kv_placement=args.kv_placement, seed=args.seed,
-                     jsonl=args.jsonl, progress=not args.no_progress)
+                     jsonl=args.jsonl, progress=not args.no_progress,
+                     threads=args.threads)
     if args.quick:
         for k, v in QUICK.items():
             setattr(bc, k, v)

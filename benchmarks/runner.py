@@ -59,6 +59,7 @@ class BenchConfig:
     name: str = "bench"
     out_dir: str = "benchmarks/results"
     progress: bool = True
+    threads: int | None = None          # torch intra-op threads (default: torch's; 1 for tiny-random)
 
     def resolved_dtype(self) -> str:
         return self.dtype or ("float32" if self.model == "tiny-random" else "bfloat16")
@@ -137,8 +138,12 @@ def machine_info(device: str) -> dict:
     try:
         import subprocess
 
+        here = Path(__file__).resolve().parent
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+                                            cwd=here, timeout=5).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../semshare_core"], capture_output=True,
+                               text=True, cwd=here, timeout=5).stdout.strip()
+        info["semshare_core_uncommitted_changes"] = bool(dirty)
     except Exception:  # noqa: BLE001 - informational only
         info["git_commit"] = None
     return info
@@ -243,6 +248,9 @@ def run(bc: BenchConfig, log=None) -> dict:
     from tqdm import tqdm
 
     t_start = time.perf_counter()
+    threads = bc.threads or (1 if bc.model == "tiny-random" else None)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(bc.seed)
     lm = load_model(bc)
     eng = SemShareEngine(lm.model, lm.tokenizer, SemShareConfig(seed=bc.seed))
