@@ -228,19 +228,23 @@ def test_fused_rerotation_equals_model_apply_rotary(arch, rope):
 
 
 def test_selection_skips_an_unchanged_prefix(engine):
-    """Tokens before the first edit have the reference's context: their K/V deviate by ~0 and are not recomputed."""
-    sents = prose(140, 14)
-    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
-    prefix_ids = engine.encode(" ".join(sents[:8]))
-    ids = engine.encode(" ".join(sents[:8] + ["This sentence was not in the reference text at all."] + sents[9:]))
-    assert np.array_equal(ids[:prefix_ids.size], prefix_ids)
+    """Tokens before the edit have the reference's context: their K/V deviate by ~0 and are not recomputed.
+
+    The edit keeps every position (same-length token replacement), so only context,
+    not re-rotation noise, can tell edited-context tokens from the prefix.
+    """
+    ref_ids = engine.encode(" ".join(prose(140, 14)))
+    ref = engine.export_kv(engine.prefill(ref_ids))
+    ids = ref_ids.copy()
+    a = ids.size // 2
+    ids[a:a + 12] = engine.encode(" ".join(prose(400, 3)))[:12]
     seen = {}
     layer1 = engine.model.model.layers[1]
     h = layer1.register_forward_pre_hook(lambda m, a, kw: seen.update(rows=kw["position_ids"].reshape(-1).clone()), with_kwargs=True)
     try:
-        pre = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.15))
+        pre = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.2))
     finally:
         h.remove()
     rows = seen["rows"]
     assert rows.numel() == pre.stats.rows_per_layer[1] < ids.size
-    assert int(rows.min()) >= prefix_ids.size - 2   # (the last prefix token may merge into the edit)
+    assert int(rows.min()) >= a - 1
