@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", action="store_true", help="print one JSON line per record to stdout as it goes")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only rewrite <name>.md and the plots from an existing result JSON (no model run)")
     return p
 
 
@@ -105,8 +107,19 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    bc = config_from_args(args)
     from .report import write_all
+
+    if args.replot:
+        import json
+        from pathlib import Path
+
+        src = Path(args.replot)
+        result = json.loads(src.read_text())
+        paths = write_all(result, args.out_dir or src.parent, args.name or src.stem, with_plots=not args.no_plots)
+        for kind, path in paths.items():
+            print(f"wrote {kind}: {path}", file=sys.stderr)
+        return 0
+    bc = config_from_args(args)
     from .runner import run
 
     result = run(bc)

@@ -147,3 +147,10 @@ def test_gpu_path_small_shape_without_faiss(tmp_path, placement):
     assert result["model"]["layers"] == 4 and all(r["placement"] == placement for r in recs.values())
     assert recs["semshare_r1"]["tokens"] == recs["full"]["tokens"]
     assert recs["semshare"]["fetch_ms"] == 0.0  # host / device placement: nothing to parse
+
+
+def test_replot_from_json(tiny_run, tmp_path):
+    out, result = tiny_run
+    assert main(["--replot", str(out / "tiny.json"), "--out-dir", str(tmp_path), "--name", "again"]) == 0
+    assert (tmp_path / "again.md").read_text() == (out / "tiny.md").read_text()
+    assert (tmp_path / "again_memory.png").read_bytes()[:8] == PNG
