@@ -307,6 +307,48 @@ def test_clear_is_per_tenant(server):
     assert server.http.get("/v1/cache/stats").json()["entries"] == before - 1
 
 
+def test_kv_from_another_model_is_a_miss_not_an_error(server):
+    import ray
+
+    from semshare_core import SemShareEngine
+    from semshare_core.models import tiny_random_model, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer()
+    other = SemShareEngine(tiny_random_model("llama", vocab_size=len(tok), seed=1), tok)  # other weights
+    p = passage(14)
+    ids = other.encode(p)
+    packed = other.export_kv(other.prefill(ids))
+    out = ray.get(server.index_actor().register.remote("default:foreign", other.fingerprint(ids), ids, packed,
+                                                       "default"))
+    assert out["stored"]
+    r = server.gen(p, temperature=0, max_new_tokens=6)
+    assert r["cache_hit"] is False and r["fallback"] == "kv_mismatch", r
+    assert r["usage"]["reused_tokens"] == 0
+    assert r["text"] == server.gen(p, temperature=0, max_new_tokens=6, use_semshare=False)["text"]
+
+
+def test_overload_is_a_json_503_not_a_500(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def one(i: int) -> httpx.Response:
+        with httpx.Client(base_url=server.base, timeout=120) as c:
+            return c.post("/v1/generate", json={"prompt": f"request {i} " + passage(15, 300),
+                                                "max_new_tokens": 64, "use_semshare": False})
+
+    # 2 replicas x max_ongoing_requests 4 + max_queued_requests 32 = 40 admitted at once
+    with ThreadPoolExecutor(80) as pool:
+        responses = list(pool.map(one, range(80)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 8
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "overloaded"
+    assert codes.count(503) >= 1, "expected some requests to be shed"
+
+
 # failures ------------------------------------------------------------------------------------
 
 def _gen_retrying(server, prompt: str, tries: int = 20, **kw) -> dict:
