@@ -138,6 +138,10 @@ class SemanticIndex:
         self.counters["hits"] += 1
         return Match(entry, sim)
 
+    def entries(self, tenant: str | None = None) -> list[IndexEntry]:
+        """Entries (of ``tenant`` if given), least recently used first."""
+        return [e for e in self._entries.values() if tenant is None or e.tenant == tenant]
+
     def get(self, key: str) -> IndexEntry | None:
         return self._entries.get(key)
 

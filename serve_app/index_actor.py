@@ -113,12 +113,12 @@ class KVIndex:
     def entries(self) -> list[dict]:
         """Entry metadata (no payloads), LRU order: oldest first."""
         return [{"key": e.key, "tenant": e.tenant, "nbytes": e.nbytes, "tokens": int(e.token_ids.shape[0]),
-                 "hits": e.hits, "created": e.created} for e in self.index._entries.values()]
+                 "hits": e.hits, "created": e.created} for e in self.index.entries()]
 
     def audit(self) -> dict:
         """Check the byte accounting against the stored objects themselves (slow; tests/ops)."""
         recorded, actual, lost = 0, 0, []
-        for e in list(self.index._entries.values()):
+        for e in list(self.index.entries()):
             recorded += e.nbytes
             try:
                 packed = ray.get(e.payload, timeout=30)
