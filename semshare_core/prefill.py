@@ -8,7 +8,9 @@ target order with keys re-rotated to target positions, ``ref_kv [L, 2, H, n, D]`
   is taken one layer later: layer 1's K/V projections of layer 0's output (cheap, no
   attention) vs the reused layer-1 K/V, ``||K1 - K1_ref|| + ||V1 - V1_ref||``. The
   ``recompute_share(1) * n`` highest-deviation tokens, plus every unmatched token and
-  the last ``window`` tokens, form the set ``S``;
+  the last ``window`` tokens, form the set ``S``; tokens whose relative deviation is
+  below ``deviation_tol`` (their context is unchanged, e.g. a shared prefix) are left
+  out even if the budget allows them (except at ratio 1.0, which recomputes all);
 * layers 1..L-1 run the stock decoder layer on ``hidden[:, S]`` only, with
   ``position_ids = S``, a :class:`ScatterCache` whose ``update`` writes the new K/V of
   ``S`` into the reused buffer and returns all n rows, and a mask where query ``S[i]``
@@ -45,6 +47,17 @@ def cache_kwarg(fn) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def relative_deviation(k: torch.Tensor, v: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
+    """Per token ``(||K - K_ref|| + ||V - V_ref||) / (||K_ref|| + ||V_ref||)`` over heads and dims: ``[seq]``.
+
+    Inputs ``[1, H, seq, D]``. Zero when the token's context is unchanged.
+    """
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.float().pow(2).sum(dim=(0, 1, 3)).sqrt()
+
+    return (norm(k.float() - k_ref.float()) + norm(v.float() - v_ref.float())) / (norm(k_ref) + norm(v_ref) + 1e-12)
+
+
 class ScatterCache:
     """Cache seen by the stock attention during a selective pass.
 
@@ -61,9 +74,7 @@ class ScatterCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         kb, vb, rows = self.keys[layer_idx], self.values[layer_idx], self.rows
-        dk = (key_states.float() - kb[:, :, rows].float()).pow(2).sum(dim=(0, 1, 3)).sqrt()
-        dv = (value_states.float() - vb[:, :, rows].float()).pow(2).sum(dim=(0, 1, 3)).sqrt()
-        self.deviation = dk + dv
+        self.deviation = relative_deviation(key_states, value_states, kb[:, :, rows], vb[:, :, rows])
         kb[:, :, rows] = key_states.to(kb.dtype)
         vb[:, :, rows] = value_states.to(vb.dtype)
         return kb, vb
@@ -133,17 +144,19 @@ def _next_layer_kv_deviation(model: torch.nn.Module, layer: torch.nn.Module, hid
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     _, k = apply_rotary_fn(model)(k, k, cos, sin)
-    dk = (k.float() - kb.float()).pow(2).sum(dim=(0, 1, 3)).sqrt()
-    dv = (v.float() - vb.float()).pow(2).sum(dim=(0, 1, 3)).sqrt()
-    return dk + dv
+    return relative_deviation(k, v, kb, vb)
 
 
-def _select(rows: torch.Tensor, deviation: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions (into ``rows``) of the ``k`` highest-deviation rows plus all forced ones, in order."""
-    if k >= rows.numel():
+def _select(rows: torch.Tensor, deviation: torch.Tensor, forced: torch.Tensor, k: int, tol: float) -> torch.Tensor:
+    """Positions (into ``rows``) of the ``k`` highest-deviation rows plus all forced ones, in order.
+
+    Rows deviating less than ``tol`` (relative) are dropped unless forced.
+    """
+    candidate = forced | (deviation >= tol)
+    if k >= rows.numel() and bool(candidate.all()):
         return torch.arange(rows.numel(), device=rows.device)
-    score = deviation.float().masked_fill(forced, float("inf"))
-    k = max(k, int(forced.sum()))
+    score = deviation.float().masked_fill(forced, float("inf")).masked_fill(~candidate, float("-inf"))
+    k = min(max(k, int(forced.sum())), int(candidate.sum()))
     top = torch.topk(score, k).indices
     return torch.sort(top).values
 
@@ -189,7 +202,8 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
                     deviation = probe if probe is not None else deviation
             if l + 1 < L:
                 k = math.ceil(cfg.recompute_share(l + 1) * n)
-                keep = _select(rows, deviation, forced_all[rows], k)
+                tol = cfg.deviation_tol if cfg.recompute_ratio < 1.0 else 0.0
+                keep = _select(rows, deviation, forced_all[rows], k, tol)
                 if keep.numel() < rows.numel():
                     rows, hidden = rows[keep], hidden[:, keep]
         last = base.norm(hidden[:, -1:])

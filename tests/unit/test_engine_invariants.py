@@ -248,3 +248,17 @@ def test_selection_skips_an_unchanged_prefix(engine):
     rows = seen["rows"]
     assert rows.numel() == pre.stats.rows_per_layer[1] < ids.size
     assert int(rows.min()) >= a - 1
+
+
+def test_identical_prompt_is_reused_almost_entirely(engine):
+    """An unchanged context deviates by ~0: only the last window is recomputed, like exact prefix caching."""
+    ids = _prompt(engine, 200, 12)
+    full = engine.prefill(ids)
+    ref = engine.export_kv(full)
+    hit = engine.prefill(ids, ref)                       # default recompute_ratio 0.4
+    assert hit.stats.rows_per_layer[1:] == [engine.config.window] * (engine.num_layers - 1)
+    assert hit.stats.reused_tokens == ids.size - engine.config.window
+    rel = (hit.logits - full.logits).abs().max() / full.logits.abs().max()
+    assert rel < 1e-4
+    off = engine.prefill(ids, ref, engine.config.with_(deviation_tol=0.0))
+    assert off.stats.rows_per_layer[1] == int(np.ceil(0.4 * ids.size))
