@@ -30,8 +30,10 @@ def build_app(args: dict | None = None) -> Application:
     return Ingress.options(
         num_replicas=a.ingress_num_replicas,
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
-        max_ongoing_requests=a.ingress_max_ongoing_requests,
-        max_queued_requests=a.max_queued_requests,
+        # headroom over the in-app admission limit (which answers a JSON 503 + Retry-After),
+        # so health / stats still get through and Serve's plain-text 503 stays out of reach
+        max_ongoing_requests=max(a.ingress_max_ongoing_requests, a.max_concurrent_requests + 16),
+        max_queued_requests=max(a.max_queued_requests, 64) if a.max_queued_requests >= 0 else -1,
     ).bind(llm, d)
 
 

@@ -47,7 +47,8 @@ class KVIndex:
         self.index = SemanticIndex(dim, max_items=max_items, max_bytes=max_bytes,
                                    tenant_max_items=tenant_max_items, tenant_max_bytes=tenant_max_bytes)
         self.started = time.time()
-        self.counters = {"lost_objects": 0, "registered": 0, "rejected": 0}
+        self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "registered": 0,
+                         "rejected": 0, "injected_faults": 0}
         self.tenant_counters: dict[str, dict[str, int]] = {}
 
     def _tc(self, tenant: str) -> dict[str, int]:
@@ -77,8 +78,58 @@ class KVIndex:
         self.counters["lost_objects"] += 1
         return self.index.remove(key) is not None
 
+    def report_bad(self, key: str, reason: str = "corrupt") -> bool:
+        """A caller rejected ``key``'s object (``corrupt``: malformed / truncated; ``mismatch``:
+        another model's KV): drop the entry and count it."""
+        self.counters["mismatched_objects" if reason == "mismatch" else "corrupt_objects"] += 1
+        return self.index.remove(key) is not None
+
     def remove(self, key: str) -> bool:
         return self.index.remove(key) is not None
+
+    def inject_fault(self, key: str, kind: str) -> bool:
+        """Fault injection for tests and chaos drills: damage ``key``'s stored object in place.
+
+        ``lose``: the entry now points at an object whose owner has died (``OwnerDiedError``
+        on get); ``truncate``: a PackedKV whose array lost half its tokens (unpickling skips
+        validation); ``corrupt_bytes`` / ``truncate_bytes``: the CRC-checked wire format
+        with one flipped byte / cut in half; ``foreign``: the signature of another model.
+        The entry keeps its metadata, so the next lookup still finds it.
+        """
+        e = self.index.get(key)
+        if e is None:
+            return False
+        if kind == "lose":
+            helper = _Holder.options(num_cpus=0).remote()
+            refs = ray.get(helper.hold.remote(e.nbytes))
+            ray.kill(helper, no_restart=True)
+            e.payload = refs[0]
+        else:
+            packed: PackedKV = ray.get(e.payload)
+            if kind == "truncate":
+                bad = object.__new__(PackedKV)
+                half = max(1, packed.seq_len // 2)
+                for name, value in (("data", np.ascontiguousarray(packed.data[:, :, :, :half])),
+                                    ("dtype", packed.dtype), ("token_ids", packed.token_ids.copy()),
+                                    ("signature", packed.signature)):
+                    object.__setattr__(bad, name, value)
+                e.payload = ray.put(bad)
+            elif kind in ("corrupt_bytes", "truncate_bytes"):
+                blob = bytearray(packed.to_bytes())
+                if kind == "corrupt_bytes":
+                    blob[len(blob) // 2] ^= 0xFF
+                else:
+                    blob = blob[: len(blob) // 2]
+                e.payload = ray.put(bytes(blob))
+            elif kind == "foreign":
+                from dataclasses import replace
+
+                e.payload = ray.put(PackedKV(packed.data, packed.dtype, packed.token_ids,
+                                             replace(packed.signature, weights="0" * 16)))
+            else:
+                raise ValueError(f"unknown fault kind {kind!r}")
+        self.counters["injected_faults"] += 1
+        return True
 
     def clear(self, tenant: Optional[str] = None) -> int:
         return len(self.index.clear(tenant))
@@ -121,8 +172,8 @@ class KVIndex:
         for e in list(self.index.entries()):
             recorded += e.nbytes
             try:
-                packed = ray.get(e.payload, timeout=30)
-                actual += packed.nbytes
+                obj = ray.get(e.payload, timeout=30)
+                actual += len(obj) if isinstance(obj, (bytes, bytearray)) else obj.nbytes
             except Exception:  # noqa: BLE001 - report, never raise
                 lost.append(e.key)
         return {"index_bytes": self.index.nbytes, "sum_entry_nbytes": recorded, "sum_object_nbytes": actual,
@@ -130,6 +181,14 @@ class KVIndex:
 
     def ping(self) -> dict:
         return {"ok": True, "entries": len(self.index), "uptime_s": round(time.time() - self.started, 3)}
+
+
+@ray.remote(num_cpus=0)
+class _Holder:
+    """Owns an object, then is killed: leaves a ref whose owner is dead (``inject_fault``)."""
+
+    def hold(self, nbytes: int) -> list:
+        return [ray.put(np.zeros(max(1, min(int(nbytes), 1 << 20)), dtype=np.uint8))]
 
 
 # The actor: restarts forever (comes back empty); a call made while it restarts is

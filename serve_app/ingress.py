@@ -5,11 +5,18 @@ The ingress owns the HTTP contract: validation (pydantic models in
 bodies ``{"error": {"message", "type", ...}}`` and SSE streaming. Generation runs on
 the ``LLMServer`` replicas through a streaming deployment handle.
 
-Tenants: a ``Authorization: Bearer <key>`` header maps to a tenant derived from a hash
-of the key; else ``X-SemShare-Tenant`` (when ``trust_tenant_header``, i.e. behind a
-proxy that sets it); else ``default``. Lookups only see the caller's tenant.
+Tenants and keys (:mod:`serve_app.auth`): with API keys configured every route but
+health needs ``Authorization: Bearer <key>`` (401 JSON + ``WWW-Authenticate``) and the
+tenant is the key's; without keys ``X-Tenant`` picks it (default ``default``). Lookups,
+stats and clear only see the caller's tenant; admin keys see / clear all.
+
+An ASGI guard in front of the routes enforces, in order: authentication, the body
+limit on the bytes actually received (chunked bodies too), and an admission limit on
+generation requests (``max_concurrent_requests``: 503 JSON + ``Retry-After``). Each
+generation runs under ``request_timeout_s`` (504 JSON, or an SSE error event and
+``[DONE]`` once the stream has started). Fault counters are in the admin stats.
 """
-import hashlib
+import asyncio
 import json
 import logging
 import time
@@ -20,13 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .auth import AuthConfigError, KeyRing, Principal, open_mode_principal
 from .index_actor import get_or_create_index_actor
-from .llm_server import TENANT_RE
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
                       error_body)
 from .settings import AppArgs
@@ -35,22 +43,26 @@ logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="semshare-serve", version="0.1.0",
               description="Semantic KV-cache reuse (SemShareKV) on Ray Serve")
-_LIMITS = {"max_body_bytes": 1 << 20}
+HEALTH_PATHS = frozenset({"/health", "/v1/health"})
+GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Any = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Any = None,
+                 code: Any = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type_, self.param = status, message, type_, param
+        self.code, self.headers = code, headers
 
 
-def _err(status: int, message: str, type_: str = "invalid_request_error", param: Any = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param), status_code=status)
+def _err(status: int, message: str, type_: str = "invalid_request_error", param: Any = None, code: Any = None,
+         headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
-    return _err(exc.status, exc.message, exc.type_, exc.param)
+    return _err(exc.status, exc.message, exc.type_, exc.param, exc.code, exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -83,17 +95,127 @@ async def _internal_error(request: Request, exc: Exception):
     return _err(500, "internal server error", "internal_error")
 
 
-@app.middleware("http")
-async def _body_limit(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            too_big = int(length) > _LIMITS["max_body_bytes"]
-        except ValueError:
-            return _err(400, "bad Content-Length header")
-        if too_big:
-            return _err(413, f"request body over {_LIMITS['max_body_bytes']} bytes")
-    return await call_next(request)
+def _new_counters() -> dict:
+    return {"requests": 0, "auth_failures": 0, "forbidden": 0, "body_too_large": 0, "overloaded": 0,
+            "timeouts": 0, "replica_failures": 0, "stream_errors": 0, "internal_errors": 0, "fallbacks": {}}
+
+
+class Guard:
+    """Per-replica request guard: auth, body limit, admission. Set up by ``Ingress.__init__``."""
+
+    def __init__(self, args: AppArgs, keys: KeyRing):
+        self.args, self.keys = args, keys
+        self.counters = _new_counters()
+        self.inflight = 0
+
+    def retry_headers(self) -> dict:
+        return {"Retry-After": str(self.args.retry_after_s)}
+
+    async def __call__(self, app_, scope, receive, send):
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path in HEALTH_PATHS:
+            return await app_(scope, receive, send)
+        self.counters["requests"] += 1
+        headers = Headers(scope=scope)
+        # 1. who is calling
+        if self.keys.enabled:
+            principal = self.keys.authenticate(headers.get("authorization"))
+            if principal is None:
+                self.counters["auth_failures"] += 1
+                resp = _err(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                            "authentication_error", code="invalid_api_key",
+                            headers={"WWW-Authenticate": 'Bearer realm="semshare"'})
+                return await resp(scope, receive, send)
+        else:
+            try:
+                principal = open_mode_principal(headers, self.args.trust_tenant_header)
+            except ValueError as e:
+                return await _err(400, str(e), param="X-Tenant")(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = principal
+        # 2. the body, as received (Content-Length may be absent or lie: chunked bodies)
+        limit = self.args.max_body_bytes
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length is not None:
+                if not length.isdigit():
+                    return await _err(400, "bad Content-Length header")(scope, receive, send)
+                if int(length) > limit:
+                    self.counters["body_too_large"] += 1
+                    return await _err(413, f"request body over {limit} bytes", code="body_too_large")(
+                        scope, receive, send)
+            chunks, total = [], 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return None
+                body = msg.get("body", b"")
+                total += len(body)
+                if total > limit:
+                    self.counters["body_too_large"] += 1
+                    return await _err(413, f"request body over {limit} bytes", code="body_too_large")(
+                        scope, receive, send)
+                chunks.append(body)
+                if not msg.get("more_body", False):
+                    break
+            receive = _replay(b"".join(chunks), receive)
+        # 3. admission (generation only; stats / models stay cheap and always answer)
+        if path in GENERATION_PATHS:
+            if self.inflight >= self.args.max_concurrent_requests:
+                self.counters["overloaded"] += 1
+                resp = _err(503, f"server busy ({self.inflight} requests in flight), retry later", "overloaded",
+                            code="too_many_requests", headers=self.retry_headers())
+                return await resp(scope, receive, send)
+            self.inflight += 1
+            try:
+                return await app_(scope, receive, send)
+            finally:
+                self.inflight -= 1
+        return await app_(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: disconnect notifications
+    return replay
+
+
+_GUARD: dict[str, Optional[Guard]] = {"guard": None}
+
+
+def _install_guard(guard: Guard) -> None:
+    """Called by ``Ingress.__init__``. Serve pickles the deployment class BY VALUE (with a
+    copy of the globals it uses), so the class must not assign module globals itself: this
+    module-level function is pickled by reference and updates the real module's state, the
+    one the middleware (also by reference) reads."""
+    _GUARD["guard"] = guard
+
+
+class _GuardMiddleware:
+    def __init__(self, app_):
+        self.app = app_
+
+    async def __call__(self, scope, receive, send):
+        guard = _GUARD["guard"]
+        if scope["type"] != "http" or guard is None:
+            return await self.app(scope, receive, send)
+        return await guard(self.app, scope, receive, send)
+
+
+app.add_middleware(_GuardMiddleware)
+
+
+def _principal(request: Request) -> Principal:
+    p = getattr(request.state, "principal", None)
+    return p if isinstance(p, Principal) else Principal("default")
 
 
 def _sse(obj: Any) -> str:
@@ -110,19 +232,25 @@ class Ingress:
         self.default_threshold = self.args.semshare_config().sim_threshold
         self.created = int(time.time())
         self._index_handle = None
-        _LIMITS["max_body_bytes"] = self.args.max_body_bytes
+        try:
+            keys = KeyRing.from_args(self.args)
+        except AuthConfigError as e:  # fail the deployment, loudly, rather than serve without keys
+            raise RuntimeError(f"API key configuration: {e}") from None
+        self.guard = Guard(self.args, keys)
+        self.counters = self.guard.counters
+        _install_guard(self.guard)
+        logger.info("Ingress: %s", f"{len(keys)} API key(s), keyed mode" if keys.enabled
+                    else "no API keys: open mode (X-Tenant header)")
 
     # helpers -----------------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer ") and auth[7:].strip():
-            return "k-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:24]
-        hdr = request.headers.get("x-semshare-tenant")
-        if hdr and self.args.trust_tenant_header:
-            if not TENANT_RE.match(hdr):
-                raise APIError(400, "X-SemShare-Tenant must match [A-Za-z0-9_.-]{1,64}")
-            return hdr
-        return "default"
+        return _principal(request).tenant
+
+    def _count_fallback(self, done: dict) -> None:
+        reason = done.get("fallback")
+        if reason:
+            fb = self.counters["fallbacks"]
+            fb[reason] = fb.get(reason, 0) + 1
 
     def _check_max_new(self, n: int, param: str) -> None:
         if n > self.args.max_new_tokens:
@@ -159,18 +287,51 @@ class Ingress:
         except (asyncio.TimeoutError, RayActorError) as e:
             self._index_handle = None
             raise APIError(503, f"the cache index is unavailable ({type(e).__name__}); retry shortly",
-                           type_="service_unavailable") from e
+                           type_="service_unavailable", headers=self.guard.retry_headers()) from e
 
-    async def _start(self, payload: dict):
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.args.request_timeout_s
+
+    async def _next(self, gen, deadline: float) -> dict:
+        """The next event before ``deadline``; failures become :class:`APIError`s (gen cancelled)."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(gen.__anext__(), remaining)
+        except StopAsyncIteration:
+            raise
+        except asyncio.TimeoutError:
+            gen.cancel()
+            self.counters["timeouts"] += 1
+            raise APIError(504, f"request ran past the {self.args.request_timeout_s:g}s limit", "timeout",
+                           code="request_timeout") from None
+        except BackPressureError as e:
+            self.counters["overloaded"] += 1
+            raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
+                           headers=self.guard.retry_headers()) from e
+        except RayTaskError as e:  # the replica raised: a bug, not the client's fault
+            gen.cancel()
+            self.counters["internal_errors"] += 1
+            logger.error("replica error: %s", e)
+            raise APIError(500, "generation failed on the model replica", type_="internal_error") from e
+        except (RayActorError, RayError) as e:  # the replica died / became unreachable
+            gen.cancel()
+            self.counters["replica_failures"] += 1
+            raise APIError(503, f"model replica unavailable ({type(e).__name__}); retry",
+                           type_="service_unavailable", code="replica_failed",
+                           headers=self.guard.retry_headers()) from e
+
+    async def _start(self, payload: dict, deadline: float):
         """Start generation; return ``(response_generator, first_event)`` or raise APIError."""
         try:
             gen = self.llm.options(stream=True).generate.remote(payload)
-            first = await gen.__anext__()
         except BackPressureError as e:
-            raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded") from e
-        except RayActorError as e:
-            raise APIError(503, f"model replica unavailable ({type(e).__name__}); retry",
-                           type_="service_unavailable") from e
+            self.counters["overloaded"] += 1
+            raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
+                           headers=self.guard.retry_headers()) from e
+        try:
+            first = await self._next(gen, deadline)
         except StopAsyncIteration as e:
             raise APIError(500, "generation produced no events", type_="internal_error") from e
         if first.get("type") == "error":
@@ -178,9 +339,15 @@ class Ingress:
                            first.get("error_type", "invalid_request_error"), param="prompt")
         return gen, first
 
-    async def _events(self, gen, first) -> AsyncIterator[dict]:
+    async def _events(self, gen, first, deadline: float) -> AsyncIterator[dict]:
         yield first
-        async for ev in gen:
+        while True:
+            try:
+                ev = await self._next(gen, deadline)
+            except StopAsyncIteration:
+                return
+            if ev.get("type") == "done":
+                self._count_fallback(ev)
             yield ev
 
     # native --------------------------------------------------------------------------
@@ -190,12 +357,16 @@ class Ingress:
         self._check_max_new(body.max_new_tokens, "max_new_tokens")
         self._check_prompt_chars(body.prompt)
         payload = {**body.model_dump(), "tenant": self._tenant(request)}
-        gen, first = await self._start(payload)
+        deadline = self._deadline()
+        gen, first = await self._start(payload, deadline)
         ttft = (time.perf_counter() - t0) * 1e3
         done = None
-        async for ev in self._events(gen, first):
-            if ev["type"] == "done":
-                done = ev
+        try:
+            async for ev in self._events(gen, first, deadline):
+                if ev["type"] == "done":
+                    done = ev
+        finally:
+            gen.cancel()
         if done is None:
             raise APIError(500, "generation ended without a result", type_="internal_error")
         rt = done["timing"]
@@ -207,16 +378,37 @@ class Ingress:
 
     @app.get("/v1/cache/stats")
     async def cache_stats(self, request: Request):
-        stats = await self._call_index("stats", None)
-        stats["caller_tenant"] = self._tenant(request)
-        stats["default_sim_threshold"] = self.default_threshold
-        return stats
+        """The caller's tenant: entries, bytes, hits, misses, quotas. Admins: everything."""
+        p = _principal(request)
+        if p.admin:
+            stats = await self._call_index("stats", None)
+            stats["caller_tenant"] = p.tenant
+            stats["admin"] = True
+            stats["ingress"] = json.loads(json.dumps(self.counters))
+            stats["ingress"]["inflight"] = self.guard.inflight
+            stats["default_sim_threshold"] = self.default_threshold
+            return stats
+        full = await self._call_index("stats", p.tenant)
+        mine = full.get("tenant_stats") or {}
+        return {"tenant": p.tenant, "caller_tenant": p.tenant, "admin": False,
+                "entries": mine.get("entries", 0), "bytes": mine.get("bytes", 0),
+                "hits": mine.get("hits", 0), "misses": mine.get("misses", 0),
+                "tenant_max_items": self.args.tenant_max_items, "tenant_max_bytes": self.args.tenant_max_bytes,
+                "default_sim_threshold": self.default_threshold}
 
     @app.post("/v1/cache/clear")
     async def cache_clear(self, request: Request, body: Optional[ClearRequest] = None):
-        tenant = None if (body is not None and body.all_tenants) else self._tenant(request)
-        removed = await self._call_index("clear", tenant)
-        return {"cleared": removed, "tenant": tenant or "*"}
+        """Clear the caller's tenant; an admin may clear another tenant or all of them."""
+        p = _principal(request)
+        target: Optional[str] = p.tenant
+        if body is not None and (body.all_tenants or (body.tenant is not None and body.tenant != p.tenant)):
+            if not p.admin:
+                self.counters["forbidden"] += 1
+                raise APIError(403, "only an admin key may clear other tenants", "permission_error",
+                               param="all_tenants" if body.all_tenants else "tenant")
+            target = None if body.all_tenants else body.tenant
+        removed = await self._call_index("clear", target)
+        return {"cleared": removed, "tenant": target or "*"}
 
     @app.get("/health")
     @app.get("/v1/health")
@@ -263,7 +455,9 @@ class Ingress:
     async def _openai(self, body, payload: dict, kind: str, echo_prefix: str = ""):
         payload["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         created, rid = int(time.time()), ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
-        gen, first = await self._start(payload)
+        deadline = self._deadline()
+        gen, first = await self._start(payload, deadline)
+        replica_hdr = {"X-SemShare-Replica": str(first.get("replica", ""))}
 
         def usage(done: dict) -> dict:
             u = done["usage"]
@@ -277,9 +471,12 @@ class Ingress:
 
         if not body.stream:
             done = None
-            async for ev in self._events(gen, first):
-                if ev["type"] == "done":
-                    done = ev
+            try:
+                async for ev in self._events(gen, first, deadline):
+                    if ev["type"] == "done":
+                        done = ev
+            finally:
+                gen.cancel()
             if done is None:
                 raise APIError(500, "generation ended without a result", type_="internal_error")
             text = echo_prefix + done["text"]
@@ -315,7 +512,7 @@ class Ingress:
                 if echo_prefix:
                     yield _sse(chunk(echo_prefix))
                 done = None
-                async for ev in self._events(gen, first):
+                async for ev in self._events(gen, first, deadline):
                     if ev["type"] == "token" and ev["text"]:
                         yield _sse(chunk(ev["text"]))
                     elif ev["type"] == "done":
@@ -328,7 +525,12 @@ class Ingress:
                 if include_usage:
                     yield _sse({"id": rid, "object": chunk_kind, "created": created, "model": self.model_name,
                                 "choices": [], "usage": usage(done)})
+            except APIError as e:  # headers are sent: report in-band, then end the stream cleanly
+                self.counters["stream_errors"] += 1
+                logger.warning("stream %s ended early: %s", rid, e.message)
+                yield _sse(error_body(e.message, e.type_, code=e.code))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
+                self.counters["stream_errors"] += 1
                 logger.exception("stream %s failed", rid)
                 yield _sse(error_body(f"generation failed: {type(e).__name__}", "internal_error"))
             finally:
@@ -336,4 +538,4 @@ class Ingress:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **replica_hdr})

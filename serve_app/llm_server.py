@@ -6,9 +6,12 @@ Per request (``generate``, an async generator of event dicts):
 2. fingerprint -> ``IndexActor.lookup(vector, tenant, threshold)``; the actor being
    dead, restarting or slow is a miss (counted), never a failed request;
 3. fetch the reference KV (``await ref``: numpy in the object store, zero-copy);
-   a lost object / dead owner / timeout is a miss (the entry is reported lost);
-4. ``engine.prefill(ids, reference)`` in a worker thread; a ``KVMismatchError`` /
-   ``KVFormatError`` (KV from another model) falls back to a full prefill;
+   a lost object / dead owner / timeout is a miss (the entry is reported lost); the
+   object is checked (:func:`serve_app.kvcheck.load_reference`: type, shapes, size
+   against the entry, model signature, CRC for the wire format, finite values) and a
+   corrupted / truncated / foreign one is a miss too (the entry is reported bad);
+4. ``engine.prefill(ids, reference)`` in a worker thread; any failure of the reuse
+   path falls back to a full prefill (counted), never fails the request;
 5. decode step by step in a worker thread, yielding text deltas; right after the
    first token the prompt's full KV is exported and registered (fire-and-forget,
    errors logged and counted).
@@ -36,6 +39,7 @@ from ray.serve import metrics
 from semshare_core import KVFormatError, KVMismatchError, SemShareEngine
 
 from .index_actor import get_or_create_index_actor
+from .kvcheck import load_reference
 from .settings import AppArgs, load_model
 
 logger = logging.getLogger("ray.serve")
@@ -43,6 +47,7 @@ logger = logging.getLogger("ray.serve")
 TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 KEY_RE = re.compile(r"^[A-Za-z0-9_.\-:/]{1,128}$")
 _END = object()
+MIN_TEMPERATURE = 1e-3  # below: greedy
 
 
 class ClientError(Exception):
@@ -136,7 +141,8 @@ class LLMServer:
         self._pending: set[asyncio.Task] = set()
         self._closing = False
         self.counters = {"requests": 0, "hits": 0, "misses": 0, "reuse_off": 0, "index_unavailable": 0,
-                         "lost_objects": 0, "kv_mismatch": 0, "registered": 0, "register_errors": 0}
+                         "lost_objects": 0, "kv_mismatch": 0, "kv_corrupt": 0, "reuse_error": 0, "registered": 0,
+                         "register_errors": 0, "active": 0}
         self.m_requests = metrics.Counter("semshare_requests", description="generation requests",
                                           tag_keys=("outcome",))
         self.m_hits = metrics.Counter("semshare_cache_hits", description="requests that reused a cached KV")
@@ -181,22 +187,42 @@ class LLMServer:
             return None, self._fallback("index_unavailable")
 
     async def _fetch(self, res) -> tuple[Any, Optional[str]]:
+        """``(checked PackedKV | None, fallback_reason | None)``; never raises."""
         try:
-            packed = await asyncio.wait_for(res.refs[0], self.args.kv_get_timeout_s)
-            return packed, None
+            obj = await asyncio.wait_for(res.refs[0], self.args.kv_get_timeout_s)
         except (ObjectLostError, asyncio.TimeoutError, GetTimeoutError) as e:
             logger.warning("reference KV %s unavailable (%s): full prefill", res.key, type(e).__name__)
-            self._spawn(self._report_lost(res.key))
+            self._spawn(self._report_bad(res.key, "lost"))
             return None, self._fallback("lost_objects")
         except RayActorError as e:
             logger.warning("reference KV %s owner unavailable (%s): full prefill", res.key, type(e).__name__)
             return None, self._fallback("lost_objects")
-
-    async def _report_lost(self, key: str) -> None:
+        except Exception as e:  # noqa: BLE001 - e.g. an object that cannot be deserialised
+            logger.warning("reference KV %s unreadable (%s): full prefill", res.key, type(e).__name__)
+            self._spawn(self._report_bad(res.key, "corrupt"))
+            return None, self._fallback("kv_corrupt")
         try:
-            await asyncio.wait_for((await self._index()).report_lost.remote(key), self.args.lookup_timeout_s * 5)
+            packed = await asyncio.to_thread(load_reference, obj, self.engine.signature, res.ref_token_count)
+            return packed, None
+        except KVMismatchError as e:
+            logger.warning("reference %s is from another model (%s): full prefill", res.key, e)
+            self._spawn(self._report_bad(res.key, "mismatch"))
+            return None, self._fallback("kv_mismatch")
+        except Exception as e:  # noqa: BLE001 - KVFormatError and anything odd: never trust it
+            logger.warning("reference %s rejected (%s: %s): full prefill", res.key, type(e).__name__, e)
+            self._spawn(self._report_bad(res.key, "corrupt"))
+            return None, self._fallback("kv_corrupt")
+        finally:
+            del obj
+
+    async def _report_bad(self, key: str, reason: str) -> None:
+        """Tell the index an entry's object is lost / corrupt / foreign: it drops and counts it."""
+        try:
+            handle = await self._index()
+            call = handle.report_lost.remote(key) if reason == "lost" else handle.report_bad.remote(key, reason)
+            await asyncio.wait_for(call, self.args.lookup_timeout_s * 5)
         except Exception as e:  # noqa: BLE001
-            logger.warning("could not report lost entry %s: %s", key, e)
+            logger.warning("could not report %s entry %s: %s", reason, key, e)
 
     async def _register(self, key: str, vec: np.ndarray, ids: np.ndarray, pre, tenant: str) -> None:
         try:
@@ -241,6 +267,14 @@ class LLMServer:
 
     async def generate(self, req: dict) -> AsyncIterator[dict]:
         """Stream events for one request (see module docstring)."""
+        self.counters["active"] += 1
+        try:
+            async for ev in self._generate(req):
+                yield ev
+        finally:  # also on cancellation (client gone, request timeout)
+            self.counters["active"] -= 1
+
+    async def _generate(self, req: dict) -> AsyncIterator[dict]:
         t0 = time.perf_counter()
         self.counters["requests"] += 1
         tenant = req.get("tenant") or "default"
@@ -276,6 +310,13 @@ class LLMServer:
             logger.warning("reference %s does not fit this model (%s): full prefill", res and res.key, e)
             fallback = self._fallback("kv_mismatch")
             pre = await asyncio.to_thread(self.engine.prefill, ids, None)
+        except Exception as e:  # noqa: BLE001 - the reuse path must never fail a request
+            if packed is None:
+                raise
+            logger.exception("reuse prefill with %s failed (%s): full prefill", res and res.key, type(e).__name__)
+            fallback = self._fallback("reuse_error")
+            packed = None
+            pre = await asyncio.to_thread(self.engine.prefill, ids, None)
         del packed
         if res is not None:
             res.refs.clear()  # stop borrowing the object as soon as the prefill is done
@@ -301,13 +342,20 @@ class LLMServer:
             public_key = _public_key(res.key)
 
         max_new = int(req.get("max_new_tokens", 128))
-        it = self.engine.decode(pre, max_new_tokens=max_new, temperature=float(req.get("temperature", 0.7)),
-                                top_p=float(req.get("top_p", 0.9)), seed=req.get("seed"),
+        # temperatures near 0 overflow the softmax (logits / 5e-324 = inf -> NaN): they are greedy anyway
+        temperature = float(req.get("temperature", 0.7))
+        temperature = 0.0 if temperature < MIN_TEMPERATURE else temperature
+        top_p = min(1.0, max(float(req.get("top_p", 0.9)), 1e-6))
+        it = self.engine.decode(pre, max_new_tokens=max_new, temperature=temperature,
+                                top_p=top_p, seed=req.get("seed"),
                                 stop_on_eos=bool(req.get("stop_on_eos", True)))
         text = TextStream(self.engine)
         stops = StopMatcher([s for s in (req.get("stop") or []) if isinstance(s, str)])
         ttft_ms, n_out, last, finish = None, 0, None, None
+        delay = self.args.fault_decode_delay_s
         while True:
+            if delay and n_out:
+                await asyncio.sleep(delay)  # fault injection: a slow replica
             tok = await asyncio.to_thread(next, it, _END)
             if tok is _END:
                 break
@@ -319,7 +367,10 @@ class LLMServer:
                 if register:  # export before the next decode step touches the cache
                     self._spawn(self._register(_internal_key(tenant, public_key), vec, ids, pre, tenant))
             delta = stops.feed(text.push(tok))
-            yield {"type": "token", "id": tok, "text": delta}
+            ev = {"type": "token", "id": tok, "text": delta}
+            if n_out == 1:
+                ev["replica"] = self.replica
+            yield ev
             if stops.stopped:
                 finish = "stop"
                 break

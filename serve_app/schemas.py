@@ -105,8 +105,11 @@ class ChatCompletionRequest(_OpenAIBase):
 
 
 class ClearRequest(BaseModel):
+    """Empty / ``{}``: the caller's tenant. ``all_tenants`` or another ``tenant``: admin keys only."""
+
     model_config = ConfigDict(extra="forbid")
     all_tenants: StrictBool = False
+    tenant: Optional[StrictStr] = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Any = None, code: Any = None) -> dict:

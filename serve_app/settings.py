@@ -59,7 +59,24 @@ class AppArgs(BaseModel):
     max_prompt_tokens: int = Field(4096, ge=1)
     max_new_tokens: int = Field(1024, ge=1, description="cap on a request's max_new_tokens / max_tokens")
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    trust_tenant_header: bool = Field(True, description="accept X-SemShare-Tenant (behind a trusted proxy)")
+    max_concurrent_requests: int = Field(64, ge=1, description="generation requests in flight per ingress "
+                                         "replica; beyond it 503 + Retry-After")
+    request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer ends: 504 JSON, "
+                                     "or an SSE error event + [DONE] once streaming")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 answers")
+    # tenants and keys (see serve_app/auth.py and docs/security.md)
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (prefer the env var "
+                                     "or the file: inline keys are visible in the Serve config)")
+    api_keys_env: Optional[str] = Field("SEMSHARE_API_KEYS", description="env var holding keys (JSON or "
+                                        "key=tenant,...), read on the ingress replica")
+    api_keys_file: Optional[str] = Field(None, description="file holding keys (JSON or key=tenant lines)")
+    admin_keys: list[str] = Field(default_factory=list, description="keys that may see / clear all tenants")
+    admin_keys_env: Optional[str] = Field("SEMSHARE_ADMIN_KEYS", description="env var with admin keys, comma "
+                                          "separated")
+    admin_tenants: list[str] = Field(default_factory=list, description="tenants whose keys are admin keys")
+    trust_tenant_header: bool = Field(True, description="open mode only: accept X-Tenant / X-SemShare-Tenant")
+    # fault injection (tests, chaos drills): never set in production
+    fault_decode_delay_s: float = Field(0.0, ge=0, le=10, description="sleep between decoded tokens")
 
     @field_validator("semshare")
     @classmethod
