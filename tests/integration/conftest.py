@@ -26,6 +26,8 @@ APP_ARGS = {
     "max_prompt_tokens": 1024,
     "max_new_tokens": 64,
     "lookup_timeout_s": 2.0,
+    "api_keys_env": None,  # open mode whatever the environment holds
+    "admin_keys_env": None,
 }
 
 
@@ -52,15 +54,25 @@ class Server:
 
         return ray.get_actor(INDEX_NAME, namespace=INDEX_NS)
 
-    def wait_entries(self, n: int, timeout: float = 30) -> dict:
+    def index_stats(self) -> dict:
+        """All tenants' stats, from the actor (open mode has no admin over HTTP)."""
+        import ray
+
+        return ray.get(self.index_actor().stats.remote(), timeout=30)
+
+    def wait_entries(self, n: int, timeout: float = 30, tenant: str | None = None) -> dict:
         """Registration is fire-and-forget: poll the stats until ``n`` entries exist."""
         deadline = time.time() + timeout
         while True:
-            st = self.http.get("/v1/cache/stats")
-            if st.status_code == 200 and st.json()["entries"] >= n:
-                return st.json()
+            try:
+                st = self.index_stats()
+                got = st["entries"] if tenant is None else st["tenants"].get(tenant, {}).get("entries", 0)
+                if got >= n:
+                    return st
+            except Exception as e:  # noqa: BLE001 - the actor may be restarting
+                st = repr(e)
             if time.time() > deadline:
-                raise AssertionError(f"index never reached {n} entries: {st.text}")
+                raise AssertionError(f"index never reached {n} entries: {st}")
             time.sleep(0.2)
 
 
@@ -83,3 +95,51 @@ def server():
         srv.http.close()
         serve.shutdown()
         ray.shutdown()
+
+
+# A second app in the same Serve instance, at /h: API keys (file + inline admin key),
+# small limits, a slow decode (fault injection) so streams last long enough to be cut.
+H_INDEX = "semshare_index_hard"
+H_KEYS = {"sk-alice-0123456789": "alice", "sk-bob-0123456789": "bob", "sk-carol-0123456789": "carol"}
+H_ADMIN = "sk-admin-0123456789"
+H_ARGS = {
+    "preset": "tiny-random",
+    "num_replicas": 2,
+    "num_cpus": 0.2,
+    "ingress_num_cpus": 0.05,
+    "index_name": H_INDEX,
+    "index_namespace": INDEX_NS,
+    "index_max_items": 32,
+    "index_max_bytes": 8 << 20,
+    "tenant_max_items": 2,
+    "max_prompt_tokens": 256,
+    "max_new_tokens": 48,
+    "max_body_bytes": 4096,
+    "max_concurrent_requests": 4,
+    "max_ongoing_requests": 2,
+    "max_queued_requests": 2,
+    "request_timeout_s": 2.5,
+    "retry_after_s": 2,
+    "fault_decode_delay_s": 0.1,
+    "admin_keys": [H_ADMIN],
+    "api_keys_env": None,
+    "admin_keys_env": None,
+}
+
+
+@pytest.fixture(scope="session")
+def hardened(server, tmp_path_factory):
+    import httpx
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keyfile.write_text("# tenant keys\n" + "\n".join(f"{k}={t}" for k, t in H_KEYS.items()) + "\n")
+    serve.run(build_app({**H_ARGS, "api_keys_file": str(keyfile)}), name="hardened", route_prefix="/h")
+    client = httpx.Client(base_url=server.base + "/h", timeout=60)
+    try:
+        yield client
+    finally:
+        client.close()
+        serve.delete("hardened")
