@@ -103,6 +103,13 @@ class KVIndex:
             helper = _Holder.options(num_cpus=0).remote()
             refs = ray.get(helper.hold.remote(e.nbytes))
             ray.kill(helper, no_restart=True)
+            deadline = time.time() + 30
+            while time.time() < deadline:  # ray.kill is asynchronous: wait until the owner is gone
+                try:
+                    ray.get(helper.hold.remote(1), timeout=5)
+                except Exception:  # noqa: BLE001 - RayActorError once it is dead
+                    break
+                time.sleep(0.1)
             e.payload = refs[0]
         else:
             packed: PackedKV = ray.get(e.payload)

@@ -118,7 +118,8 @@ H_ARGS = {
     "max_concurrent_requests": 4,
     "max_ongoing_requests": 2,
     "max_queued_requests": 2,
-    "request_timeout_s": 2.5,
+    "request_timeout_s": 4.0,
+    "lookup_timeout_s": 5.0,
     "retry_after_s": 2,
     "fault_decode_delay_s": 0.1,
     "admin_keys": [H_ADMIN],
@@ -138,6 +139,20 @@ def hardened(server, tmp_path_factory):
     keyfile.write_text("# tenant keys\n" + "\n".join(f"{k}={t}" for k, t in H_KEYS.items()) + "\n")
     serve.run(build_app({**H_ARGS, "api_keys_file": str(keyfile)}), name="hardened", route_prefix="/h")
     client = httpx.Client(base_url=server.base + "/h", timeout=60)
+    # warm up: the index actor process starts (imports torch + faiss) on first use
+    import ray
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            ray.get(ray.get_actor(H_INDEX, namespace=INDEX_NS).ping.remote(), timeout=10)
+            break
+        except Exception:  # noqa: BLE001 - not created / not started yet
+            assert time.time() < deadline, "the hardened app's index actor never started"
+            time.sleep(0.5)
+    for i in range(4):
+        client.post("/v1/generate", json={"prompt": f"warm up {i}", "max_new_tokens": 1, "use_semshare": True},
+                    headers={"Authorization": f"Bearer {H_ADMIN}"})
     try:
         yield client
     finally:

@@ -89,11 +89,9 @@ def test_keys_map_to_tenants_and_isolate_them(hardened):
     assert first.status_code == 200 and first.json()["cache_hit"] is False
     wait_tenant_entries("alice", 1)
     # bob, even claiming alice's tenant by header, never sees alice's entry
-    bob = gen(hardened, BOB, p)
+    bob = hardened.post("/v1/generate", json={"prompt": p, "temperature": 0, "max_new_tokens": 2},
+                        headers={**auth(BOB), "X-Tenant": "alice", "X-SemShare-Tenant": "alice"})
     assert bob.status_code == 200 and bob.json()["cache_hit"] is False
-    bob2 = hardened.post("/v1/generate", json={"prompt": p, "temperature": 0, "max_new_tokens": 2},
-                         headers={**auth(BOB), "X-Tenant": "alice", "X-SemShare-Tenant": "alice"})
-    assert bob2.json()["cache_hit"] is False
     again = gen(hardened, ALICE, p).json()
     assert again["cache_hit"] is True and again["ref_key"] == "alice-doc"
     # stats: own tenant only, no other tenant's name anywhere
@@ -168,7 +166,7 @@ def test_token_limits(hardened):
 
 def test_request_timeout_non_stream_is_a_json_504(hardened):
     t0 = time.time()
-    r = gen(hardened, ALICE, text(3), max_new_tokens=48, use_semshare=False)  # 48 x 0.1 s > 2.5 s
+    r = gen(hardened, ALICE, text(3), max_new_tokens=48, use_semshare=False)  # 48 x 0.1 s > 4 s
     assert is_json_error(r, 504, "timeout")["code"] == "request_timeout"
     assert time.time() - t0 < 10
 

@@ -19,7 +19,7 @@ N_REQUESTS, CLIENTS = 200, 16
 
 
 def base(i: int) -> str:
-    start = 200000 + i * 5000
+    start = (200000 + i * 5000) % (len(_CORPUS) - 1000)
     return " ".join(_CORPUS[start:start + 320].split())
 
 
