@@ -28,9 +28,7 @@ import torch
 from semshare_core.config import SemShareConfig
 from semshare_core.engine import PrefillResult, PrefillStats, SemShareEngine
 from semshare_core.kv import PackedKV
-from semshare_core.prefill import cache_kwarg, selective_prefill
-from semshare_core.pruning import layer_budgets, pruned_cache, retained_indices
-from semshare_core.rope import rerotate_keys
+from semshare_core.prefill import cache_kwarg
 
 PLACEMENTS = ("bytes", "host", "device")
 
@@ -156,38 +154,9 @@ def run_semshare(eng: SemShareEngine, ids: np.ndarray, ref: Reference, spec: Met
     return eng.prefill(ids, packed, config=cfg), {"fetch_ms": fetch_ms}
 
 
-@torch.inference_mode()
 def semshare_on_device(eng: SemShareEngine, ids: np.ndarray, ref: Reference, cfg: SemShareConfig) -> PrefillResult:
     """The engine's hit path with the reference KV already on the device (gather there)."""
-    model, dev, n, L = eng.model, eng.device, int(ids.size), eng.num_layers
-    t0 = time.perf_counter()
-    mapping = eng.map_to_reference(ids, ref.packed, cfg)
-    t1 = time.perf_counter()
-    idx = torch.from_numpy(mapping.ref_index).to(dev)
-    kv = ref.on_device.index_select(3, idx).to(eng.dtype)
-    delta = torch.arange(n, device=dev) - idx
-    kv[:, 0] = rerotate_keys(kv[:, 0], delta, model)
-    sync(dev)
-    t2 = time.perf_counter()
-    prune = cfg.retention < 1.0
-    out = selective_prefill(model, torch.from_numpy(ids), kv, torch.from_numpy(mapping.must_recompute), cfg,
-                            record_attention=prune)
-    kept = None
-    if prune:
-        floor = min(n, cfg.sink_tokens + cfg.window)
-        budgets = [max(b, floor) for b in layer_budgets(n, L, cfg.retention_share)]
-        kept = [retained_indices(out.importance[l], budgets[l], cfg.recovery, cfg.sink_tokens, cfg.window)
-                for l in range(L)]
-    cache = pruned_cache(out.keys, out.values, kept)
-    sync(dev)
-    t3 = time.perf_counter()
-    recomputed = out.rows_per_layer[1] if L > 1 else n
-    stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
-                         rows_per_layer=out.rows_per_layer,
-                         retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
-                         mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
-                         prefill_ms=(t3 - t2) * 1e3)
-    return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True)
+    return eng.prefill(ids, ref.packed, config=cfg, reference_kv=ref.on_device)
 
 
 RUNNERS = {"full": run_full, "prefix": run_prefix, "semshare": run_semshare}

@@ -100,7 +100,7 @@ def llama3_8b_random(device: str, dtype: str, shape: str = "full") -> LoadedMode
     finally:
         torch.set_default_dtype(prev)
     model.eval()
-    return LoadedModel(model, tok, f"llama3-8b-random" + ("" if shape == "full" else "-small"))
+    return LoadedModel(model, tok, "llama3-8b-random" + ("" if shape == "full" else "-small"))
 
 
 def load_model(bc: BenchConfig) -> LoadedModel:

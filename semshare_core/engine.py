@@ -120,8 +120,13 @@ class SemShareEngine:
 
     # prefill ---------------------------------------------------------------------
     def prefill(self, ids: np.ndarray, reference: PackedKV | None = None,
-                config: SemShareConfig | None = None) -> PrefillResult:
-        """Prefill ``ids`` ``[n]``; with ``reference`` reuse its KV (selective recompute)."""
+                config: SemShareConfig | None = None, reference_kv: torch.Tensor | None = None) -> PrefillResult:
+        """Prefill ``ids`` ``[n]``; with ``reference`` reuse its KV (selective recompute).
+
+        ``reference_kv``: optionally ``reference``'s KV already on the engine's device,
+        ``[L, 2, H, m, D]`` (e.g. a hot entry kept on the GPU): the gather then runs there
+        instead of on the host copy.
+        """
         cfg = config or self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -129,7 +134,7 @@ class SemShareEngine:
         with self.lock, torch.inference_mode():
             if reference is not None and ids.size >= cfg.min_reuse_tokens and reference.seq_len > 0:
                 self.signature.check(reference.signature)
-                return self._prefill_hit(ids, reference, cfg)
+                return self._prefill_hit(ids, reference, cfg, reference_kv)
             t0 = time.perf_counter()
             logits, cache = full_prefill(self.model, torch.from_numpy(ids))
             ms = (time.perf_counter() - t0) * 1e3
@@ -148,21 +153,39 @@ class SemShareEngine:
                           token_embeddings(self.model, r).cpu(), anchor=cfg.anchor_ngram, lsh_bits=cfg.lsh_bits,
                           lsh_tables=cfg.lsh_tables, fuzzy_min_cos=cfg.fuzzy_min_cos, seed=cfg.seed)
 
-    def gather_reference(self, reference: PackedKV, mapping: TokenMapping) -> torch.Tensor:
-        """Reference KV in target order, keys re-rotated: ``[L, 2, H, n, D]`` (new memory)."""
+    def gather_reference(self, reference: PackedKV, mapping: TokenMapping,
+                         reference_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference KV in target order, keys re-rotated: ``[L, 2, H, n, D]`` (new memory).
+
+        Gathers on the host copy (then moves only the n gathered rows), or on
+        ``reference_kv`` when it is given (already on the device).
+        """
         idx = torch.from_numpy(mapping.ref_index)
-        kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
+        if reference_kv is not None:
+            if tuple(reference_kv.shape) != tuple(reference.data.shape):
+                raise ValueError(f"reference_kv shape {tuple(reference_kv.shape)} != packed {reference.data.shape}")
+            idx = idx.to(reference_kv.device)
+            kv = reference_kv.index_select(3, idx).to(device=self.device, dtype=self.dtype)
+        else:
+            kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
         delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
         kv[:, 0] = self.rerotate(kv[:, 0], delta)
         return kv
 
-    def _prefill_hit(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig) -> PrefillResult:
+    def _clock(self) -> float:
+        """``perf_counter`` after the device's queued work is done (stage timings on GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _prefill_hit(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig,
+                     reference_kv: torch.Tensor | None) -> PrefillResult:
         n, L = int(ids.size), self.num_layers
-        t0 = time.perf_counter()
+        t0 = self._clock()
         mapping = self.map_to_reference(ids, reference, cfg)
-        t1 = time.perf_counter()
-        kv = self.gather_reference(reference, mapping)
-        t2 = time.perf_counter()
+        t1 = self._clock()
+        kv = self.gather_reference(reference, mapping, reference_kv)
+        t2 = self._clock()
         prune = cfg.retention < 1.0
         out = selective_prefill(self.model, torch.from_numpy(ids), kv,
                                 torch.from_numpy(mapping.must_recompute), cfg, record_attention=prune)
@@ -173,7 +196,7 @@ class SemShareEngine:
             kept = [retained_indices(out.importance[l], budgets[l], cfg.recovery, cfg.sink_tokens, cfg.window)
                     for l in range(L)]
         cache = pruned_cache(out.keys, out.values, kept)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         recomputed = out.rows_per_layer[1] if L > 1 else n
         stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
                              rows_per_layer=out.rows_per_layer,

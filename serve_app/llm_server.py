@@ -30,7 +30,6 @@ import uuid
 from typing import Any, AsyncIterator, Optional
 
 import numpy as np
-import ray
 import torch
 from ray import serve
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError

@@ -262,3 +262,14 @@ def test_identical_prompt_is_reused_almost_entirely(engine):
     assert rel < 1e-4
     off = engine.prefill(ids, ref, engine.config.with_(deviation_tol=0.0))
     assert off.stats.rows_per_layer[1] == int(np.ceil(0.4 * ids.size))
+
+
+def test_reference_kv_on_device_gives_the_same_prefill(engine):
+    sents = prose(220, 12)
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
+    ids = engine.encode(" ".join(sents[:4] + ["A sentence that was never there before."] + sents[5:]))
+    host = engine.prefill(ids, ref)
+    dev = engine.prefill(ids, ref, reference_kv=ref.to_torch(engine.device))
+    assert torch.equal(host.logits, dev.logits) and host.stats.rows_per_layer == dev.stats.rows_per_layer
+    with pytest.raises(ValueError, match="shape"):
+        engine.prefill(ids, ref, reference_kv=ref.to_torch()[:, :, :, :3])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.dataset import EDIT_KINDS, build_prompt, edit_sentences, make_documents, _topic_sentences
+from benchmarks.dataset import build_prompt, edit_sentences, make_documents, _topic_sentences
 from semshare_core import SemanticIndex, SemShareConfig, SemShareEngine
 from semshare_core.models import load_smollm2
 
