@@ -1,0 +1,229 @@
+"""Serving load benchmark: concurrent HTTP clients against ``serve run``, reuse on vs off.
+
+    python -m benchmarks.load --start-server              # starts `serve run serve_config.yaml`
+    python -m benchmarks.load --url http://127.0.0.1:8000  # against a running server
+
+The workload is built offline (``benchmarks.dataset``) and is the same for both modes:
+``docs`` documents of about ``length`` tokens; each is sent once as written, then
+``repeats`` more times verbatim (re-asked questions) and as ``variants`` edited
+variants (10-30 % of sentences replaced, or the instruction changed), interleaved with
+``unrelated`` prompts of documents never seen before. ``concurrency`` clients pull
+requests in order from one queue. Each mode runs under its own tenant (``X-Tenant``)
+so the two never share cache entries. Loopback only; bounded in count.
+
+Writes ``benchmarks/results/<name>.json`` and ``<name>.md``: requests/s, p50/p99 of
+server-side TTFT and client latency, hit rate, reused tokens, non-200 count.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from . import dataset
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_workload(docs: int, length: int, repeats: int, variants: int, unrelated: int, seed: int,
+                   count_tokens) -> list[dict]:
+    """Ordered list of ``{"kind", "prompt"}``; the first prompt of each document comes first."""
+    rng = random.Random(seed)
+    all_docs = dataset.make_documents(docs + unrelated, length, count_tokens, seed=seed)
+    seen, fresh = all_docs[:docs], all_docs[docs:]
+    pool = [s for sents in dataset._topic_sentences()[-40:] for s in sents]
+    first = [{"kind": "first", "prompt": dataset.build_prompt(d)} for d in seen]
+    rest = []
+    for i, d in enumerate(seen):
+        rest += [{"kind": "repeat", "prompt": dataset.build_prompt(d)} for _ in range(repeats)]
+        for v in range(variants):
+            if v % 3 == 2:
+                prompt = dataset.build_prompt(d, dataset.INSTRUCTIONS[1])
+            else:
+                sents = dataset.edit_sentences(d, "replace", rng.choice((0.1, 0.2, 0.3)), random.Random(f"{seed}:{i}:{v}"), pool)
+                prompt = dataset.build_prompt(sents)
+            rest.append({"kind": "similar", "prompt": prompt})
+    rest += [{"kind": "unrelated", "prompt": dataset.build_prompt(d)} for d in fresh]
+    rng.shuffle(rest)
+    return first + rest
+
+
+async def run_mode(url: str, workload: list[dict], use_semshare: bool, concurrency: int, new_tokens: int,
+                   tenant: str, timeout_s: float) -> list[dict]:
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, item in enumerate(workload):
+        queue.put_nowait((i, item))
+    records: list[dict] = []
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                i, item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            body = {"prompt": item["prompt"], "max_new_tokens": new_tokens, "temperature": 0,
+                    "use_semshare": use_semshare}
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"{url}/v1/generate", json=body, headers={"X-Tenant": tenant})
+                status, data = r.status_code, (r.json() if r.headers.get("content-type", "").startswith("application/json") else {})
+            except httpx.HTTPError as e:
+                status, data = 0, {"error": repr(e)}
+            rec = {"i": i, "kind": item["kind"], "status": status, "latency_ms": (time.perf_counter() - t0) * 1e3}
+            if status == 200:
+                rec.update(ttft_ms=data["timing"]["ttft_ms"], cache_hit=data["cache_hit"],
+                           prompt_tokens=data["usage"]["prompt_tokens"], reused_tokens=data["usage"]["reused_tokens"],
+                           replica=data.get("replica"))
+            records.append(rec)
+
+    async with httpx.AsyncClient(timeout=timeout_s) as c:
+        await asyncio.gather(*(client(c) for _ in range(concurrency)))
+    return sorted(records, key=lambda r: r["i"])
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def summarize(records: list[dict], wall_s: float) -> dict:
+    ok = [r for r in records if r["status"] == 200]
+    kinds = sorted({r["kind"] for r in records})
+    return {
+        "requests": len(records), "ok": len(ok), "non_200": len(records) - len(ok),
+        "wall_s": round(wall_s, 2), "requests_per_s": round(len(ok) / wall_s, 3) if wall_s else None,
+        "ttft_p50_ms": pct([r["ttft_ms"] for r in ok], 50), "ttft_p99_ms": pct([r["ttft_ms"] for r in ok], 99),
+        "latency_p50_ms": pct([r["latency_ms"] for r in ok], 50), "latency_p99_ms": pct([r["latency_ms"] for r in ok], 99),
+        "hit_rate": round(sum(r["cache_hit"] for r in ok) / len(ok), 3) if ok else None,
+        "reused_share": round(sum(r["reused_tokens"] for r in ok) / max(1, sum(r["prompt_tokens"] for r in ok)), 3),
+        "by_kind": {k: {"n": sum(r["kind"] == k for r in ok),
+                        "hit_rate": round(statistics.mean([r["cache_hit"] for r in ok if r["kind"] == k] or [0]), 3),
+                        "ttft_p50_ms": pct([r["ttft_ms"] for r in ok if r["kind"] == k], 50)} for k in kinds},
+    }
+
+
+def markdown(result: dict) -> str:
+    cfg, modes = result["config"], result["modes"]
+    lines = [f"# Load benchmark `{result['name']}`", "",
+             f"`serve run serve_config.yaml` ({result['server']}), {cfg['concurrency']} concurrent clients, "
+             f"{cfg['requests']} requests per mode ({cfg['docs']} documents of ~{cfg['length']} tokens: each sent once, "
+             f"{cfg['repeats']} verbatim repeats and {cfg['variants']} edited variants each, plus {cfg['unrelated']} unrelated), "
+             f"{cfg['new_tokens']} greedy tokens each, on {result['machine']}. TTFT is the server's (prefill + first token); "
+             "latency is the client's (whole request).", "",
+             "| mode | ok / sent | req/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | hit rate | reused prompt tokens |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    f = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
+    for mode, s in modes.items():
+        lines.append(f"| {mode} | {s['ok']} / {s['requests']} | {s['requests_per_s']:.2f} | {f(s['ttft_p50_ms'])} | "
+                     f"{f(s['ttft_p99_ms'])} | {f(s['latency_p50_ms'])} | {f(s['latency_p99_ms'])} | "
+                     f"{s['hit_rate']:.2f} | {100 * s['reused_share']:.0f}% |")
+    lines += ["", "TTFT p50 by request kind (ms) and hit rate:", "",
+              "| mode | " + " | ".join(sorted(next(iter(modes.values()))["by_kind"])) + " |",
+              "| --- |" + " ---: |" * len(next(iter(modes.values()))["by_kind"])]
+    for mode, s in modes.items():
+        cells = [f"{f(v['ttft_p50_ms'])} ({v['hit_rate']:.2f})" for _, v in sorted(s["by_kind"].items())]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def wait_healthy(url: str, timeout_s: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return time.time() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s")
+
+
+def start_server(config: str, log_path: Path) -> subprocess.Popen:
+    serve_bin = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return subprocess.Popen([serve_bin, "run", config], stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--start-server", action="store_true", help="run `serve run <config>` for the duration")
+    p.add_argument("--config", default="serve_config.yaml")
+    p.add_argument("--docs", type=int, default=4)
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", type=int, default=6)
+    p.add_argument("--unrelated", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--timeout-s", type=float, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="load-smollm2-cpu")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    a = p.parse_args(argv)
+    host = httpx.URL(a.url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        p.error("the load benchmark only targets loopback addresses")
+
+    from semshare_core.models import load_smollm2
+
+    tok = load_smollm2().tokenizer  # the workload is cut in the served model's tokens
+    workload = build_workload(a.docs, a.length, a.repeats, a.variants, a.unrelated, a.seed,
+                              lambda s: len(tok(s)["input_ids"]))
+    proc, startup_s = None, None
+    if a.start_server:
+        proc = start_server(a.config, Path(a.out_dir) / f"{a.name}.server.log")
+    try:
+        startup_s = wait_healthy(a.url, 600 if a.start_server else 10)
+        modes = {}
+        run_id = int(time.time())
+        for mode, use in (("reuse_off", False), ("reuse_on", True)):
+            t0 = time.perf_counter()
+            recs = asyncio.run(run_mode(a.url, workload, use, a.concurrency, a.new_tokens, f"load-{mode}-{run_id}",
+                                        a.timeout_s))
+            modes[mode] = summarize(recs, time.perf_counter() - t0)
+            modes[mode]["records"] = recs
+            print(json.dumps({mode: {k: v for k, v in modes[mode].items() if k != "records"}}), flush=True)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    result = {"name": a.name, "server": f"started by the benchmark, healthy after {startup_s:.0f} s" if a.start_server else a.url,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "config": {**{k: v for k, v in vars(a).items() if k not in ("out_dir",)}, "requests": len(workload)},
+              "modes": modes}
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{a.name}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0 if all(m["non_200"] == 0 for m in modes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
