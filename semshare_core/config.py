@@ -16,6 +16,9 @@ class SemShareConfig:
         have in common. Measured on SmolLM2 with stdlib prose: 10-30%-edited variants
         score 0.55-0.9, unrelated documents <= 0.15; the default 0.3 sits between.
         ``min_reuse_tokens``: prompts shorter than this never reuse (overhead wins).
+        ``replay_exact``: a prompt identical to a reference whose KV came from a full
+        prefill is answered from the stored KV and first-token logits, no prefill at all,
+        with exactly the output of a full prefill.
     Mapping
         ``anchor_ngram``: length of the exact k-gram anchors used to align spans;
         ``lsh_bits`` / ``lsh_tables``: random-projection LSH on RoPE-rotated input
@@ -43,6 +46,7 @@ class SemShareConfig:
     """
 
     sim_threshold: float = 0.3
+    replay_exact: bool = True
     ngram: int = 3
     fingerprint_dim: int = 4096
     min_reuse_tokens: int = 16

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from .config import SemShareConfig
 from .fingerprint import prompt_vector, token_embeddings
@@ -69,6 +70,7 @@ class PrefillResult:
     stats: PrefillStats
     mapping: TokenMapping | None = None
     explicit_positions: bool = False
+    exact: bool = False  # keys/values/logits are exactly a full prefill's (export keeps the logits)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -134,6 +136,9 @@ class SemShareEngine:
         with self.lock, torch.inference_mode():
             if reference is not None and ids.size >= cfg.min_reuse_tokens and reference.seq_len > 0:
                 self.signature.check(reference.signature)
+                if (cfg.replay_exact and reference.last_logits is not None
+                        and np.array_equal(reference.token_ids, ids)):
+                    return self._replay(ids, reference, reference_kv)
                 return self._prefill_hit(ids, reference, cfg, reference_kv)
             t0 = time.perf_counter()
             logits, cache = full_prefill(self.model, torch.from_numpy(ids))
@@ -143,7 +148,27 @@ class SemShareEngine:
                                  retained_per_layer=[n] * self.num_layers, prefill_ms=ms)
             keys = [layer.keys for layer in cache.layers]
             values = [layer.values for layer in cache.layers]
-            return PrefillResult(ids, logits, cache, keys, values, stats)
+            return PrefillResult(ids, logits, cache, keys, values, stats, exact=True)
+
+    def _replay(self, ids: np.ndarray, reference: PackedKV, reference_kv: torch.Tensor | None) -> PrefillResult:
+        """Identical prompt, exact reference: its KV and first-token logits, no prefill.
+
+        Decoding then runs through ``model.forward`` on a cache holding exactly what a
+        full prefill computes, so the output equals a full prefill's.
+        """
+        t0 = self._clock()
+        kv = (reference_kv if reference_kv is not None else reference.to_torch("cpu")).to(self.device, self.dtype)
+        cache = DynamicCache(config=self.model.config)
+        for l in range(self.num_layers):  # update() copies (torch.cat): the reference stays untouched
+            cache.update(kv[l, 0].unsqueeze(0), kv[l, 1].unsqueeze(0), l)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        logits = torch.from_numpy(np.array(reference.last_logits, dtype=np.float32))
+        n, L = int(ids.size), self.num_layers
+        stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n, recomputed_tokens=0, rows_per_layer=[0] * L,
+                             retained_per_layer=[n] * L, mapping={"exact_span": n, "exact_token": 0, "fuzzy": 0, "none": 0},
+                             gather_ms=(self._clock() - t0) * 1e3)
+        return PrefillResult(ids, logits, cache, keys, values, stats, exact=True)
 
     def map_to_reference(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig | None = None) -> TokenMapping:
         cfg = cfg or self.config
@@ -230,5 +255,10 @@ class SemShareEngine:
 
     # registration ----------------------------------------------------------------
     def export_kv(self, pre: PrefillResult) -> PackedKV:
-        """The prompt's full KV (before pruning), packed for the index."""
-        return PackedKV.from_layers(list(zip(pre.keys, pre.values)), pre.ids, self.signature)
+        """The prompt's full KV (before pruning), packed for the index.
+
+        Exact results (full prefill, replay) also carry their first-token logits.
+        Call before decoding: decoding appends to the cache these tensors belong to.
+        """
+        return PackedKV.from_layers(list(zip(pre.keys, pre.values)), pre.ids, self.signature,
+                                    pre.logits if pre.exact else None)

@@ -79,12 +79,18 @@ class ModelSignature:
 
 @dataclass(frozen=True)
 class PackedKV:
-    """KV of one prompt. ``data``: ``[layers, 2, kv_heads, seq, head_dim]``; ``token_ids``: int64 ``[seq]``."""
+    """KV of one prompt. ``data``: ``[layers, 2, kv_heads, seq, head_dim]``; ``token_ids``: int64 ``[seq]``.
+
+    ``last_logits``: float32 ``[vocab]``, the first-token logits, present only when ``data``
+    is exactly what a full prefill of ``token_ids`` computes: an identical prompt can then
+    be answered by replaying it (no prefill, same output as a full prefill).
+    """
 
     data: np.ndarray
     dtype: str
     token_ids: np.ndarray
     signature: ModelSignature
+    last_logits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +106,9 @@ class PackedKV:
             raise KVFormatError(f"KV array shape {tuple(d.shape)} != expected {want}")
         if self.token_ids.ndim != 1:
             raise KVFormatError("token_ids must be one-dimensional")
+        if self.last_logits is not None and (self.last_logits.shape != (s.vocab_size,)
+                                             or self.last_logits.dtype != np.float32):
+            raise KVFormatError(f"last_logits must be float32 [{s.vocab_size}]")
 
     @property
     def seq_len(self) -> int:
@@ -107,16 +116,19 @@ class PackedKV:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes + self.token_ids.nbytes)
+        return int(self.data.nbytes + self.token_ids.nbytes + (0 if self.last_logits is None else self.last_logits.nbytes))
 
     @classmethod
-    def from_layers(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], token_ids, signature: ModelSignature) -> "PackedKV":
-        """Pack per-layer ``(K, V)``, each ``[1, kv_heads, seq, head_dim]``."""
+    def from_layers(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], token_ids, signature: ModelSignature,
+                    last_logits: torch.Tensor | None = None) -> "PackedKV":
+        """Pack per-layer ``(K, V)``, each ``[1, kv_heads, seq, head_dim]`` (+ exact first-token logits)."""
         stacked = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
         name = next(k for k, v in _TORCH_DTYPES.items() if v == stacked.dtype)
         t = stacked.detach().cpu().contiguous()
         arr = t.view(torch.uint16).numpy() if name == "bfloat16" else t.numpy()
-        return cls(np.ascontiguousarray(arr), name, np.asarray(token_ids, dtype=np.int64).reshape(-1).copy(), signature)
+        logits = None if last_logits is None else last_logits.detach().float().cpu().numpy().copy()
+        return cls(np.ascontiguousarray(arr), name, np.asarray(token_ids, dtype=np.int64).reshape(-1).copy(), signature,
+                   logits)
 
     def to_torch(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[layers, 2, kv_heads, seq, head_dim]`` tensor (shares memory on CPU when it can)."""
@@ -129,8 +141,10 @@ class PackedKV:
 
     # wire format ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        header = json.dumps({"dtype": self.dtype, "seq": self.seq_len, "signature": asdict(self.signature)}).encode()
-        payload = self.token_ids.astype("<i8").tobytes() + np.ascontiguousarray(self.data).tobytes()
+        header = json.dumps({"dtype": self.dtype, "seq": self.seq_len, "signature": asdict(self.signature),
+                             "logits": self.last_logits is not None}).encode()
+        logits = b"" if self.last_logits is None else self.last_logits.astype("<f4").tobytes()
+        payload = self.token_ids.astype("<i8").tobytes() + logits + np.ascontiguousarray(self.data).tobytes()
         body = struct.pack("<I", len(header)) + header + payload
         return _MAGIC + body + struct.pack("<I", zlib.crc32(body))
 
@@ -150,14 +164,19 @@ class PackedKV:
                 raise KVFormatError(f"bad header dtype={dtype!r} seq={seq}")
             off = 4 + hlen
             ids = np.frombuffer(body, dtype="<i8", count=seq, offset=off).astype(np.int64)
+            off += 8 * seq
+            logits = None
+            if header.get("logits"):
+                logits = np.frombuffer(body, dtype="<f4", count=sig.vocab_size, offset=off).astype(np.float32)
+                off += 4 * sig.vocab_size
             shape = (sig.num_layers, 2, sig.num_kv_heads, seq, sig.head_dim)
             npdt = np.dtype(_NP_DTYPES[dtype])
             need = int(np.prod(shape)) * npdt.itemsize
-            rest = body[off + 8 * seq:]
+            rest = body[off:]
             if len(rest) != need:
                 raise KVFormatError(f"payload has {len(rest)} bytes, expected {need}")
             data = np.frombuffer(rest, dtype=npdt).reshape(shape)
-            return cls(data, dtype, ids, sig)
+            return cls(data, dtype, ids, sig, logits)
         except KVFormatError:
             raise
         except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:

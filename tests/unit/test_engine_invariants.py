@@ -31,7 +31,7 @@ def test_reference_identical_recompute_zero(engine):
     ids = _prompt(engine)
     full = engine.prefill(ids)
     ref = engine.export_kv(full)
-    hit = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.0))
+    hit = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.0, replay_exact=False))
     assert hit.stats.hit and hit.stats.rows_per_layer[1:] == [1] * (engine.num_layers - 1)
     rel = (hit.logits - full.logits).abs().max() / full.logits.abs().max()
     assert rel < 1e-4
@@ -255,12 +255,13 @@ def test_identical_prompt_is_reused_almost_entirely(engine):
     ids = _prompt(engine, 200, 12)
     full = engine.prefill(ids)
     ref = engine.export_kv(full)
-    hit = engine.prefill(ids, ref)                       # default recompute_ratio 0.4
+    cfg = engine.config.with_(replay_exact=False)
+    hit = engine.prefill(ids, ref, cfg)                  # default recompute_ratio 0.4
     assert hit.stats.rows_per_layer[1:] == [engine.config.window] * (engine.num_layers - 1)
     assert hit.stats.reused_tokens == ids.size - engine.config.window
     rel = (hit.logits - full.logits).abs().max() / full.logits.abs().max()
     assert rel < 1e-4
-    off = engine.prefill(ids, ref, engine.config.with_(deviation_tol=0.0))
+    off = engine.prefill(ids, ref, cfg.with_(deviation_tol=0.0))
     assert off.stats.rows_per_layer[1] == int(np.ceil(0.4 * ids.size))
 
 
@@ -273,3 +274,28 @@ def test_reference_kv_on_device_gives_the_same_prefill(engine):
     assert torch.equal(host.logits, dev.logits) and host.stats.rows_per_layer == dev.stats.rows_per_layer
     with pytest.raises(ValueError, match="shape"):
         engine.prefill(ids, ref, reference_kv=ref.to_torch()[:, :, :, :3])
+
+
+def test_identical_prompt_with_exact_reference_is_replayed_like_generate(engine):
+    ids = _prompt(engine, 240, 10)
+    t = torch.from_numpy(ids)[None]
+    out = engine.model.generate(t, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    full = engine.prefill(ids)
+    ref = engine.export_kv(full)
+    assert ref.last_logits is not None
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in engine.model.model.layers]
+    try:
+        rep = engine.prefill(ids, ref)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [] and rep.stats.hit and rep.stats.reused_tokens == ids.size
+    assert torch.equal(rep.logits, full.logits)
+    assert list(engine.decode(rep, 10, 0.0, stop_on_eos=False)) == out[0, ids.size:].tolist()
+    # the reference is untouched by the decode, and a replay exports an exact entry again
+    assert np.array_equal(engine.export_kv(engine.prefill(ids, ref)).data, ref.data)
+    # a selective hit is not exact: its export carries no logits and is never replayed
+    other = engine.export_kv(engine.prefill(_prompt(engine, 240, 11)))
+    hit = engine.prefill(ids, other)
+    assert hit.stats.rows_per_layer[0] == ids.size and engine.export_kv(hit).last_logits is None

@@ -32,6 +32,16 @@ def test_layout_and_roundtrip(dtype):
     assert p.nbytes == p.data.nbytes + p.token_ids.nbytes
 
 
+def test_last_logits_roundtrip_and_validation():
+    p, layers = _packed()
+    q = PackedKV.from_layers(layers, np.arange(7), p.signature, torch.arange(10, dtype=torch.float32))
+    r = PackedKV.from_bytes(q.to_bytes())
+    assert np.array_equal(r.last_logits, np.arange(10, dtype=np.float32)) and r.nbytes == p.nbytes + 40
+    assert PackedKV.from_bytes(p.to_bytes()).last_logits is None
+    with pytest.raises(KVFormatError, match="last_logits"):
+        PackedKV(p.data, p.dtype, p.token_ids, p.signature, np.zeros(3, dtype=np.float32))
+
+
 def test_corrupted_and_truncated_blobs_are_rejected():
     blob = _packed()[0].to_bytes()
     with pytest.raises(KVFormatError):
