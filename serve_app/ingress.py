@@ -350,6 +350,19 @@ class Ingress:
                 self._count_fallback(ev)
             yield ev
 
+    async def _collect(self, gen, first, deadline) -> dict:
+        """Drain a non-streaming generation; returns its final ``done`` event."""
+        done = None
+        try:
+            async for ev in self._events(gen, first, deadline):
+                if ev["type"] == "done":
+                    done = ev
+        finally:
+            gen.cancel()
+        if done is None:
+            raise APIError(500, "generation ended without a result", type_="internal_error")
+        return done
+
     # native --------------------------------------------------------------------------
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):
@@ -360,15 +373,7 @@ class Ingress:
         deadline = self._deadline()
         gen, first = await self._start(payload, deadline)
         ttft = (time.perf_counter() - t0) * 1e3
-        done = None
-        try:
-            async for ev in self._events(gen, first, deadline):
-                if ev["type"] == "done":
-                    done = ev
-        finally:
-            gen.cancel()
-        if done is None:
-            raise APIError(500, "generation ended without a result", type_="internal_error")
+        done = await self._collect(gen, first, deadline)
         rt = done["timing"]
         return {**{k: done[k] for k in ("text", "used_semshare", "cache_hit", "ref_key", "retrieved_sim",
                                          "store_key", "replica", "finish_reason", "fallback", "usage")},
@@ -470,15 +475,7 @@ class Ingress:
                                          "used_semshare", "fallback")}
 
         if not body.stream:
-            done = None
-            try:
-                async for ev in self._events(gen, first, deadline):
-                    if ev["type"] == "done":
-                        done = ev
-            finally:
-                gen.cancel()
-            if done is None:
-                raise APIError(500, "generation ended without a result", type_="internal_error")
+            done = await self._collect(gen, first, deadline)
             text = echo_prefix + done["text"]
             finish = done["finish_reason"]
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
