@@ -117,7 +117,7 @@ def test_tenants_are_isolated(server):
     assert mine["tenant"] == "alice" and mine["entries"] >= 1 and "tenants" not in mine
     bob = server.http.post("/v1/generate", json={"prompt": p, "temperature": 0, "max_new_tokens": 4},
                            headers={"X-Tenant": "bob"}).json()
-    assert bob["cache_hit"] is False
+    assert bob["cache_hit"] is False and bob["ref_key"] is None and bob["retrieved_sim"] is None
     key = server.http.post("/v1/generate", json={"prompt": p, "temperature": 0, "max_new_tokens": 4},
                            headers={"Authorization": "Bearer sk-carol"}).json()
     assert key["cache_hit"] is False
