@@ -34,6 +34,9 @@ class SemShareConfig:
         (relative L2) is not recomputed at all (unchanged context, e.g. a shared
         prefix: measured 0 in bf16 on SmolLM2, vs 0.005-0.01 after an edit); not
         applied at ``recompute_ratio`` 1.0, which recomputes everything.
+        ``attention_chunks``: layers >= 1 run the selected rows in this many
+        position-ordered chunks, each attending only to the keys it can see (same
+        result, less masked-out attention work; 1 = one call).
     Pruning (decode memory)
         ``retention``: share of prompt tokens kept at the deepest layer; per-layer
         budget decays exponentially from 1.0 at layer 0 (``retention ** (l / (L-1))``).
@@ -58,6 +61,7 @@ class SemShareConfig:
     recompute_decay: float = 1.0
     recompute_floor: float = 0.0
     deviation_tol: float = 1e-3
+    attention_chunks: int = 1
     window: int = 8
     retention: float = 1.0
     recovery: float = 1.0
@@ -80,6 +84,7 @@ class SemShareConfig:
         for name in ("recompute_ratio", "recompute_floor", "recovery"):
             v = getattr(self, name)
             check(0.0 <= v <= 1.0 and not math.isnan(v), f"{name} must be in [0, 1], got {v}")
+        check(1 <= self.attention_chunks <= 64, "attention_chunks must be in [1, 64]")
         check(0.0 <= self.deviation_tol < 1.0, f"deviation_tol must be in [0, 1), got {self.deviation_tol}")
         check(0.0 < self.recompute_decay <= 1.0, "recompute_decay must be in (0, 1]")
         check(0.0 < self.retention <= 1.0, f"retention must be in (0, 1], got {self.retention}")

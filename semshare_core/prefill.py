@@ -71,12 +71,15 @@ class ScatterCache:
         self.keys, self.values = keys, values
         self.rows: torch.Tensor | None = None
         self.deviation: torch.Tensor | None = None
+        self.limit: int | None = None  # return only keys [0, limit): all the rows' queries can see
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         kb, vb, rows = self.keys[layer_idx], self.values[layer_idx], self.rows
         self.deviation = relative_deviation(key_states, value_states, kb[:, :, rows], vb[:, :, rows])
         kb[:, :, rows] = key_states.to(kb.dtype)
         vb[:, :, rows] = value_states.to(vb.dtype)
+        if self.limit is not None:
+            return kb[:, :, :self.limit], vb[:, :, :self.limit]
         return kb, vb
 
     # transformers may ask these of any cache object
@@ -147,6 +150,40 @@ def _next_layer_kv_deviation(model: torch.nn.Module, layer: torch.nn.Module, hid
     return relative_deviation(k, v, kb, vb)
 
 
+def _chunks(count: int, chunks: int, window: int) -> list[tuple[int, int]]:
+    """Split ``count`` sorted rows into up to ``chunks`` contiguous ranges; the last keeps >= ``window`` rows."""
+    if chunks <= 1 or count <= 2 * window:
+        return [(0, count)]
+    bounds = sorted({round(i * count / chunks) for i in range(chunks)} | {count})
+    bounds = [b for b in bounds if b <= count - window] + [count]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _run_layer_chunked(layer, hidden: torch.Tensor, rows: torch.Tensor, n: int, cache: ScatterCache, ckw: str,
+                       cos: torch.Tensor, sin: torch.Tensor, impl: str, sliding: int | None,
+                       chunks: int, window: int) -> torch.Tensor:
+    """Run one decoder layer on the rows ``rows`` (sorted), in position-ordered chunks.
+
+    Chunk ``c`` attends only to keys ``[0, max(rows_c)]``: earlier chunks' fresh K/V are
+    already scattered, later rows are not visible to it anyway, so the result equals one
+    call over all rows while skipping the masked-out upper part of the attention.
+    """
+    outs, devs = [], []
+    spans = _chunks(int(rows.numel()), chunks, window) if rows.numel() < n else [(0, int(rows.numel()))]
+    for a, b in spans:
+        r = rows[a:b]
+        cache.rows = r
+        cache.limit = int(r[-1]) + 1 if len(spans) > 1 else None
+        width = cache.limit or n
+        mask = _visibility_mask(r, width, impl, hidden.dtype, sliding)
+        outs.append(layer(hidden[:, a:b], attention_mask=mask, position_ids=r[None],
+                          position_embeddings=(cos[:, r], sin[:, r]), **{ckw: cache}))
+        devs.append(cache.deviation)
+    cache.limit = None
+    cache.deviation = devs[0] if len(devs) == 1 else torch.cat(devs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def _select(rows: torch.Tensor, deviation: torch.Tensor, forced: torch.Tensor, k: int, tol: float) -> torch.Tensor:
     """Positions (into ``rows``) of the ``k`` highest-deviation rows plus all forced ones, in order.
 
@@ -189,10 +226,8 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
     layer0_dev = None
     with recording(model, recorder):
         for l, layer in enumerate(layers):
-            cache.rows = rows
-            mask = _visibility_mask(rows, n, impl, hidden.dtype, sliding)
-            hidden = layer(hidden, attention_mask=mask, position_ids=rows[None],
-                           position_embeddings=(cos[:, rows], sin[:, rows]), **{ckw: cache})
+            hidden = _run_layer_chunked(layer, hidden, rows, n, cache, ckw, cos, sin, impl, sliding,
+                                        cfg.attention_chunks, cfg.window)
             rows_per_layer.append(int(rows.numel()))
             deviation = cache.deviation
             if l == 0:

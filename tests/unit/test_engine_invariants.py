@@ -299,3 +299,18 @@ def test_identical_prompt_with_exact_reference_is_replayed_like_generate(engine)
     other = engine.export_kv(engine.prefill(_prompt(engine, 240, 11)))
     hit = engine.prefill(ids, other)
     assert hit.stats.rows_per_layer[0] == ids.size and engine.export_kv(hit).last_logits is None
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_chunked_selected_rows_give_the_same_prefill(engine, chunks):
+    sents = prose(60, 20)
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
+    ids = engine.encode(" ".join(sents[:5] + ["A short new sentence replaces an old one here."] + sents[6:]))
+    cfg = engine.config.with_(retention=0.5)
+    one = engine.prefill(ids, ref, cfg)
+    many = engine.prefill(ids, ref, cfg.with_(attention_chunks=chunks))
+    torch.testing.assert_close(many.logits, one.logits, rtol=1e-5, atol=1e-5)
+    for k1, k2 in zip(one.keys, many.keys):
+        torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)
+    assert many.stats.rows_per_layer == one.stats.rows_per_layer
+    assert many.stats.retained_per_layer == one.stats.retained_per_layer
