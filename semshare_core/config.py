@@ -14,7 +14,7 @@ class SemShareConfig:
         (signed-hashed, sqrt-tf bag of token ``ngram``-grams, L2-normalised; see
         :mod:`semshare_core.fingerprint`). Roughly the share of n-grams two prompts
         have in common. Measured on SmolLM2 with stdlib prose: 10-30%-edited variants
-        score 0.55-0.9, unrelated documents <= 0.15; the default 0.3 sits between.
+        score 0.50-0.99, unrelated documents <= 0.21; the default 0.3 sits between.
         ``min_reuse_tokens``: prompts shorter than this never reuse (overhead wins).
         ``replay_exact``: a prompt identical to a reference whose KV came from a full
         prefill is answered from the stored KV and first-token logits, no prefill at all,
