@@ -151,6 +151,17 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _finish(fig, ax, path: Path) -> Path:
+    """Grid, tight layout, save as PNG, close; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(result: dict, out_dir: Path, name: str) -> list[Path]:
     import matplotlib
 
@@ -173,12 +184,8 @@ def plots(result: dict, out_dir: Path, name: str) -> list[Path]:
     ax.set_xlabel("prompt length (tokens, nominal)")
     ax.set_ylabel("TTFT speedup vs full prefill (median)")
     ax.set_title(f"TTFT speedup — {title}")
-    ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}_speedup.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out_dir / f"{name}_speedup.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ratio_recs = [r for r in recs if r["edit"] != "instruction" and r.get("rouge_l") is not None
@@ -199,12 +206,8 @@ def plots(result: dict, out_dir: Path, name: str) -> list[Path]:
     ax.set_ylabel("ROUGE-L vs full prefill output (median)")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title(f"Output quality — {title}")
-    ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}_quality.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out_dir / f"{name}_quality.png"))
 
     sweep = memory_sweep(recs, cfg.get("memory_length"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -227,11 +230,7 @@ def plots(result: dict, out_dir: Path, name: str) -> list[Path]:
     ax.set_xlabel("retention (share of prompt tokens kept at the deepest layer)")
     ax.set_ylabel("decode KV cache (MB)")
     ax.set_title(f"KV memory vs retention, {cfg.get('memory_length')} tokens — {title}", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}_memory.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out_dir / f"{name}_memory.png"))
     return paths
 
 
