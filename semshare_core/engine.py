@@ -43,6 +43,7 @@ class PrefillStats:
     reused_tokens: int = 0
     recomputed_tokens: int = 0
     rows_per_layer: list[int] = field(default_factory=list)
+    probe_rows: int = 0
     retained_per_layer: list[int] = field(default_factory=list)
     mapping: dict[str, int] = field(default_factory=dict)
     mapping_ms: float = 0.0
@@ -224,7 +225,7 @@ class SemShareEngine:
         t3 = self._clock()
         recomputed = out.rows_per_layer[1] if L > 1 else n
         stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
-                             rows_per_layer=out.rows_per_layer,
+                             rows_per_layer=out.rows_per_layer, probe_rows=out.probe_rows,
                              retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
                              mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
                              prefill_ms=(t3 - t2) * 1e3)
