@@ -201,12 +201,18 @@ RUNNERS = {"full": run_full, "prefix": run_prefix, "semshare": run_semshare}
 
 def run_method(eng: SemShareEngine, ids: np.ndarray, ref: Reference, kind: str, cfg: SemShareConfig,
                block: int = DEFAULT_BLOCK):
-    """``(PrefillResult, first_token, ttft_ms, timings)``: TTFT = fetch + prefill + first-token sampling."""
+    """``(PrefillResult, first_token, ttft_ms, timings)``: TTFT = fetch + prefill + first-token sampling.
+
+    ``timings["cpu_ms"]``: CPU time of the calling thread over the same span. With one
+    torch thread on a CPU it is the work done, unaffected by other processes taking the
+    core (wall time on a shared box is not); meaningless on a GPU.
+    """
     sync(eng.device)
-    t0 = time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     pre, timings = RUNNERS[kind](eng, ids, ref, cfg, block)
     first = int(torch.argmax(pre.logits))  # greedy sampling of the first token (syncs the device)
     ttft = (time.perf_counter() - t0) * 1e3
+    timings["cpu_ms"] = (time.thread_time() - c0) * 1e3
     return pre, first, ttft, timings
 
 

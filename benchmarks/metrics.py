@@ -34,11 +34,11 @@ def round_ratios(baseline_ms: Sequence[float], method_ms: Sequence[float]) -> li
     return [b / m for b, m in zip(baseline_ms, method_ms)]
 
 
-def speedup_summary(baseline_ms: Sequence[float], method_ms: Sequence[float]) -> dict:
+def speedup_summary(baseline_ms: Sequence[float], method_ms: Sequence[float], key: str = "speedup") -> dict:
     """Median (and min/max) of the per-round ratios: noise shared by one round cancels."""
     ratios = round_ratios(baseline_ms, method_ms)
     s = spread(ratios)
-    return {"speedup": s["median"], "speedup_min": s["min"], "speedup_max": s["max"], "speedup_rounds": ratios}
+    return {key: s["median"], f"{key}_min": s["min"], f"{key}_max": s["max"], f"{key}_rounds": ratios}
 
 
 def agreement(argmaxes: Sequence[int], target: Sequence[int]) -> float:

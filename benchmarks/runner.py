@@ -315,6 +315,7 @@ def run_pair(eng: SemShareEngine, ids: np.ndarray, ref: Reference, pair, names: 
 
     orders = round_orders(names, bc.reps, rng)
     ttft = {m: [] for m in names}
+    cpu = {m: [] for m in names}
     stages = {m: [] for m in names}
     for r, order in enumerate(orders):
         for name in order:
@@ -322,6 +323,7 @@ def run_pair(eng: SemShareEngine, ids: np.ndarray, ref: Reference, pair, names: 
             st = pre.stats
             del pre
             ttft[name].append(ms)
+            cpu[name].append(timings["cpu_ms"])
             stages[name].append((timings["fetch_ms"], st.mapping_ms, st.gather_ms, st.prefill_ms))
             if on_run:
                 on_run(name, f"round {r + 1}")
@@ -331,7 +333,8 @@ def run_pair(eng: SemShareEngine, ids: np.ndarray, ref: Reference, pair, names: 
         rec.update(ttft_ms=sp["median"], ttft_min_ms=sp["min"], ttft_max_ms=sp["max"], ttft_q1_ms=sp["q1"],
                    ttft_q3_ms=sp["q3"], ttft_iqr_ms=sp["iqr"], ttft_ms_rounds=[round(t, 3) for t in ttft[name]],
                    round_positions=[o.index(name) for o in orders],
-                   **metrics.speedup_summary(ttft["full"], ttft[name]))
+                   cpu_ms=_median(cpu[name]), **metrics.speedup_summary(ttft["full"], ttft[name]),
+                   **metrics.speedup_summary(cpu["full"], cpu[name], key="speedup_cpu"))
         for i, key in enumerate(("fetch_ms", "mapping_ms", "gather_ms", "prefill_ms")):
             rec[key] = _median([s[i] for s in stages[name]])
     return [recs[name] for name in names]
