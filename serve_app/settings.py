@@ -100,6 +100,19 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer ends: 504 JSON, "
                                      "or an SSE error event + [DONE] once streaming")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 answers")
+    # HTTP edge (serve_app/http_edge.py): slow / hostile clients
+    body_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request body must arrive within this: 408")
+    max_receiving_requests: int = Field(256, ge=1, description="requests per ingress replica still sending "
+                                        "their body; beyond it 503 + Retry-After")
+    max_header_bytes: int = Field(32768, ge=1024, description="total request header size: beyond it 431")
+    max_header_count: int = Field(100, ge=8, description="request headers: beyond it 431")
+    ready_timeout_s: float = Field(2.0, gt=0, le=60, description="/ready: how long the index actor may take")
+    allow_cache_salt: bool = Field(True, description="honour cache_salt (a namespace inside the tenant); "
+                                   "False: requests carrying one get 400")
+    # observability (serve_app/observability.py)
+    log_format: Literal["text", "json"] = Field("text", description="json: Serve's JSON log encoding for every "
+                                                "deployment (access lines carry a semshare_access object)")
+    access_log: bool = Field(True, description="one log line per generation request (never prompt text)")
     # tenants and keys (see serve_app/auth.py and docs/security.md)
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (prefer the env var "
                                      "or the file: inline keys are visible in the Serve config)")
