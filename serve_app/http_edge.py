@@ -114,7 +114,9 @@ class BodyReader:
             self.counters["body_timeouts"] += 1
             return BodyOutcome(status=408, message=f"the request body did not arrive within "
                                f"{self.timeout_s:g}s", code="body_timeout")
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # Serve cancels the request when the client hangs up
+            self.counters["cancelled"] += 1
+            logger.info("request cancelled while receiving its body: the client disconnected")
             raise
         except Exception as e:  # noqa: BLE001 - the proxy dropped the request: the client is gone
             self.counters["cancelled"] += 1
