@@ -25,9 +25,15 @@ t0=$(date +%s)
 cleanup() {
   rc=$?
   if [ -n "$SERVE_PID" ] && kill -0 "$SERVE_PID" 2>/dev/null; then
-    kill -INT "$SERVE_PID" 2>/dev/null || true      # serve run shuts the app and its local Ray down
+    # serve run runs in its own process group (setsid below) with SIGINT at its default, so
+    # Ctrl-C semantics apply: it deletes the app and stops the local Ray it started
+    kill -INT "$SERVE_PID" 2>/dev/null || true
     for _ in $(seq 60); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 1; done
-    kill -KILL "$SERVE_PID" 2>/dev/null || true
+  fi
+  if [ -n "$SERVE_PID" ]; then  # whatever is left of that group (this run's Ray processes only)
+    kill -TERM -- "-$SERVE_PID" 2>/dev/null || true
+    sleep 3
+    kill -KILL -- "-$SERVE_PID" 2>/dev/null || true
   fi
   if [ $rc -ne 0 ] && [ -f "$WORK/serve.log" ]; then echo "--- serve.log (tail) ---"; tail -40 "$WORK/serve.log"; fi
   if [ "${KEEP:-0}" != 1 ]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
@@ -78,7 +84,8 @@ step "serve run serve_config.yaml from $RUN (port $PORT${PRESET:+, preset $PRESE
   export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.http_edge:proxy_middlewares
   unset PYTHONPATH
-  exec "$VENV/bin/serve" run serve_config.yaml
+  # a background job of a script ignores SIGINT; reset it so serve run handles Ctrl-C (cleanup)
+  exec setsid "$VENV/bin/python" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])' "$VENV/bin/serve" run serve_config.yaml
 ) >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 
