@@ -204,7 +204,7 @@ class SemShareEngine:
         else:
             kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
         delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
-        kv[:, 0] = self.rerotate(kv[:, 0], delta)
+        self.rerotate.rotate_(kv[:, 0], delta)
         return kv
 
     def _clock(self) -> float:
