@@ -4,18 +4,24 @@ Selective recompute (a hit), given target ids ``[n]`` and the reference KV gathe
 target order with keys re-rotated to target positions, ``ref_kv [L, 2, H, n, D]``:
 
 * layer 0 runs on all n tokens. Its own K/V cannot rank tokens (they depend only on
-  token and position, so every exactly matched token deviates by ~0), so the deviation
-  is taken one layer later: layer 1's K/V projections of layer 0's output (cheap, no
-  attention) vs the reused layer-1 K/V, ``||K1 - K1_ref|| + ||V1 - V1_ref||``. The
-  ``recompute_share(1) * n`` highest-deviation tokens, plus every unmatched token and
-  the last ``window`` tokens, form the set ``S``; tokens whose relative deviation is
-  below ``deviation_tol`` (their context is unchanged, e.g. a shared prefix) are left
-  out even if the budget allows them (except at ratio 1.0, which recomputes all);
+  token and position, so every exactly matched token deviates by ~0), so a *probe*
+  runs layer 1's input norm and K/V projections on layer 0's output (no attention, no
+  MLP; counted in ``probe_rows``): each token's relative deviation
+  ``(||K1 - K1_ref|| + ||V1 - V1_ref||) / (||K1_ref|| + ||V1_ref||)`` and, for the
+  query-aware rules, the attention the last ``window`` queries of layer 1 put on it;
+* ``S`` = the forced tokens (unmatched ones and the last ``window``) plus the
+  best-scored others under the selection rule (``SemShareConfig.selection``), up to
+  ``ceil(recompute_share(1) * n)`` in all: forced tokens count inside that budget and
+  exceed it only when there are more of them. Tokens whose deviation is below
+  ``deviation_tol`` (unchanged context, e.g. a shared prefix) are never selected unless
+  forced (ratio 1.0 recomputes all);
 * layers 1..L-1 run the stock decoder layer on ``hidden[:, S]`` only, with
   ``position_ids = S``, a :class:`ScatterCache` whose ``update`` writes the new K/V of
-  ``S`` into the reused buffer and returns all n rows, and a mask where query ``S[i]``
-  sees key ``j`` iff ``j <= S[i]``. If the schedule shrinks, ``S`` keeps its
-  highest-deviation members (deviation measured at the previous layer);
+  ``S`` into the reused buffer and returns all n rows, and attention where query
+  ``S[i]`` sees key ``j`` iff ``j <= S[i]`` (:mod:`semshare_core.attention`: position-
+  ordered chunks, each over the keys it can see; masks built once per ``S``). If the
+  schedule shrinks, ``S`` keeps its best members (rule ``deviation``: deviation
+  measured at the previous layer; other rules: the probe's score);
 * the last token is always in ``S``: its hidden state gives the first logits.
 
 Nothing runs a full prefill of the target afterwards; the buffers are the prompt's
