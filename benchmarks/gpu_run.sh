@@ -23,7 +23,7 @@ if [[ "${SMOKE:-0}" == "1" ]]; then
   T1=120 T2=90
 else
   COMMON=(--model llama3-8b-random --device cuda --dtype bfloat16 --quick --jsonl --no-progress)
-  RUN1=(--budget-s "${B1:-170}")
+  RUN1=(--budget-s "${B1:-170}" --sweep benchmarks/sweeps/gpu.yaml)
   RUN2=(--lengths 4096,16384 --edits replace --ratios 0.1 --memory-retentions 1.0 --budget-s "${B2:-90}")
   T1=${T1:-270} T2=${T2:-190}
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$OUT/gpu_info.csv" 2>&1 || true

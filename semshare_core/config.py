@@ -59,9 +59,9 @@ class SemShareConfig:
     lsh_bits: int = 10
     lsh_tables: int = 4
     fuzzy_min_cos: float = 0.5
-    recompute_ratio: float = 0.4
-    recompute_decay: float = 1.0
-    recompute_floor: float = 0.0
+    recompute_ratio: float = 0.3
+    recompute_decay: float = 0.9
+    recompute_floor: float = 0.05
     deviation_tol: float = 1e-3
     attention_chunks: int = 8
     selection: str = "deviation"
