@@ -27,18 +27,27 @@ class SemShareConfig:
         embeddings for tokens without an exact match; ``fuzzy_min_cos``: a fuzzy
         candidate below this cosine is rejected and the token is recomputed.
     Recompute
-        ``recompute_ratio``: share of the prompt's tokens recomputed in layers >= 1,
-        the highest-deviation ones after layer 0 (paper: ~40%; default 0.4).
-        ``recompute_decay``: multiplies that share per later layer (1.0 = constant);
-        the share never drops below ``recompute_floor``. Unmatched tokens and the
-        last ``window`` tokens are always recomputed on top. ``deviation_tol``: a
+        ``recompute_ratio``: share of the prompt's tokens recomputed in layer 1, chosen
+        by ``selection`` after layer 0 (paper: ~40%). ``recompute_decay``: multiplies
+        that share per later layer (1.0 = constant); the share never drops below
+        ``recompute_floor``. Default 0.3 x 0.9^(l-1), floor 0.05: the fastest schedule
+        that held every quality threshold in the project's selection/schedule sweep
+        (SmolLM2, 1k and 2k tokens, prose and fact edits; docs/benchmarks.md). Unmatched
+        tokens and the last ``window`` tokens are always recomputed, inside the budget. ``deviation_tol``: a
         token whose next-layer K/V deviates from the reused K/V by less than this
         (relative L2) is not recomputed at all (unchanged context, e.g. a shared
         prefix: measured 0 in bf16 on SmolLM2, vs 0.005-0.01 after an edit); not
         applied at ``recompute_ratio`` 1.0, which recomputes everything.
-        ``attention_chunks``: layers >= 1 run the selected rows in this many
-        position-ordered chunks, each attending only to the keys it can see (same
-        result, less masked-out attention work; 1 = one call).
+        ``attention_chunks``: layers >= 1 attend for the selected rows in this many
+        position-ordered chunks, each over only the keys it can see (same result, less
+        masked-out work; chunks of < 20 rows are merged). 0 = auto: 8 on a CPU (at ~2k
+        tokens 10% of rows cost 13 ms in one masked call, 9 ms in 8 chunks, SmolLM2 bf16,
+        1 thread), 1 on an accelerator (on an H200 the extra launches cost more than they
+        save).
+        ``selection``: which rows fill the budget after layer 0: ``deviation`` (layer-1
+        K/V deviation), ``attention`` (attention of the prompt's last queries at layer 1),
+        ``blend`` (their product), ``random`` / ``positional`` (controls). Forced rows
+        (unmatched tokens, the last ``window``) count inside the budget.
     Pruning (decode memory)
         ``retention``: share of prompt tokens kept at the deepest layer; per-layer
         budget decays exponentially from 1.0 at layer 0 (``retention ** (l / (L-1))``).
@@ -63,7 +72,7 @@ class SemShareConfig:
     recompute_decay: float = 0.9
     recompute_floor: float = 0.05
     deviation_tol: float = 1e-3
-    attention_chunks: int = 8
+    attention_chunks: int = 0
     selection: str = "deviation"
     window: int = 8
     retention: float = 1.0
@@ -87,7 +96,7 @@ class SemShareConfig:
         for name in ("recompute_ratio", "recompute_floor", "recovery"):
             v = getattr(self, name)
             check(0.0 <= v <= 1.0 and not math.isnan(v), f"{name} must be in [0, 1], got {v}")
-        check(1 <= self.attention_chunks <= 64, "attention_chunks must be in [1, 64]")
+        check(0 <= self.attention_chunks <= 64, "attention_chunks must be in [0, 64] (0 = auto)")
         check(0.0 <= self.deviation_tol < 1.0, f"deviation_tol must be in [0, 1), got {self.deviation_tol}")
         check(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check(0.0 < self.recompute_decay <= 1.0, "recompute_decay must be in (0, 1]")
@@ -110,6 +119,12 @@ class SemShareConfig:
         if unknown:
             raise ValueError(f"SemShareConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+    def chunks_for(self, device: "torch.device") -> int:
+        """Attention chunks to use on ``device`` (resolves ``attention_chunks = 0``)."""
+        if self.attention_chunks:
+            return self.attention_chunks
+        return 8 if device.type == "cpu" else 1
 
     def recompute_share(self, layer: int) -> float:
         """Share of prompt tokens recomputed at decoder layer ``layer`` (>= 1)."""

@@ -13,8 +13,10 @@ selective-recompute prefill (:mod:`semshare_core.prefill`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -26,7 +28,7 @@ from transformers import DynamicCache
 from .config import SemShareConfig
 from .fingerprint import prompt_vector, token_embeddings
 from .kv import ModelSignature, PackedKV
-from .matching import TokenMapping, map_tokens
+from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .prefill import full_prefill, layer_step, model_step, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -112,6 +114,7 @@ class SemShareEngine:
         eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
         self.lock = threading.RLock()
+        self._lsh_cache: OrderedDict[tuple, ReferenceLSH] = OrderedDict()
 
     # prompts ---------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
@@ -180,13 +183,30 @@ class SemShareEngine:
                              gather_ms=(self._clock() - t0) * 1e3)
         return PrefillResult(ids, logits, cache, keys, values, stats, exact=True)
 
+    def _embed(self, ids: np.ndarray) -> torch.Tensor:
+        """E-cache rows of ``ids`` ``[k]``: float32 ``[k, hidden]`` on the CPU."""
+        return token_embeddings(self.model, torch.from_numpy(np.ascontiguousarray(ids))).cpu()
+
+    def _reference_lsh(self, reference: PackedKV, cfg: SemShareConfig) -> ReferenceLSH:
+        """The reference's LSH tables, built once per reference (LRU of a few): each hit
+        otherwise re-embedded and re-hashed every reference token (~0.5 s at 16k tokens
+        with a 4096-wide embedding, on the host CPU)."""
+        key = (hashlib.blake2b(np.ascontiguousarray(reference.token_ids).tobytes(), digest_size=16).digest(),
+               cfg.lsh_bits, cfg.lsh_tables, cfg.seed)
+        lsh = self._lsh_cache.pop(key, None)
+        if lsh is None:
+            lsh = ReferenceLSH(reference.token_ids, self._embed, cfg.lsh_bits, cfg.lsh_tables, cfg.seed)
+        self._lsh_cache[key] = lsh
+        while len(self._lsh_cache) > 16:
+            self._lsh_cache.popitem(last=False)
+        return lsh
+
     def map_to_reference(self, ids: np.ndarray, reference: PackedKV, cfg: SemShareConfig | None = None) -> TokenMapping:
+        """Exact alignment; tokens left over go through LSH on the E-cache (embedded lazily)."""
         cfg = cfg or self.config
-        t = torch.from_numpy(ids)
-        r = torch.from_numpy(np.ascontiguousarray(reference.token_ids))
-        return map_tokens(ids, reference.token_ids, token_embeddings(self.model, t).cpu(),
-                          token_embeddings(self.model, r).cpu(), anchor=cfg.anchor_ngram, lsh_bits=cfg.lsh_bits,
-                          lsh_tables=cfg.lsh_tables, fuzzy_min_cos=cfg.fuzzy_min_cos, seed=cfg.seed)
+        return map_tokens(ids, reference.token_ids, anchor=cfg.anchor_ngram, lsh_bits=cfg.lsh_bits,
+                          lsh_tables=cfg.lsh_tables, fuzzy_min_cos=cfg.fuzzy_min_cos, seed=cfg.seed,
+                          embed=self._embed, reference_lsh=lambda: self._reference_lsh(reference, cfg))
 
     def gather_reference(self, reference: PackedKV, mapping: TokenMapping,
                          reference_kv: torch.Tensor | None = None) -> torch.Tensor:

@@ -174,19 +174,82 @@ def lsh_match(query: torch.Tensor, keys: torch.Tensor, bits: int, tables: int, m
     return idx, ok
 
 
+class ReferenceLSH:
+    """The reference side of the fuzzy match, built once per reference prompt.
+
+    Holds the LSH codes of the reference's position-aware embeddings (``tables`` x
+    ``bits`` random hyperplanes), bucketed per table. Embeddings are not kept: a query's
+    candidates are verified by embedding just those rows again (``embed``: int64 ids
+    ``[k]`` -> float32 ``[k, d]``, on the CPU). Matches :func:`lsh_match` exactly.
+    """
+
+    def __init__(self, ref_ids: np.ndarray, embed, bits: int, tables: int, seed: int = 0):
+        self.ids = np.asarray(ref_ids, dtype=np.int64).reshape(-1)
+        self.embed = embed
+        m = self.ids.size
+        keys = positional_embeddings(embed(self.ids), torch.arange(m))
+        g = torch.Generator().manual_seed(seed)
+        self.planes = torch.randn(tables, keys.shape[1], bits, generator=g)
+        self.weights = 2 ** torch.arange(bits, dtype=torch.int64)
+        kcodes = self._codes(torch.nn.functional.normalize(keys.float(), dim=1)).numpy()  # [T, m]
+        self.buckets: list[dict[int, np.ndarray]] = []
+        for t in range(tables):
+            order = np.argsort(kcodes[t], kind="stable")
+            codes, starts = np.unique(kcodes[t][order], return_index=True)
+            self.buckets.append(dict(zip(codes.tolist(), np.split(order, starts[1:]))))
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        return (((torch.einsum("nd,tdb->tnb", x, self.planes) > 0).long()) * self.weights).sum(-1)
+
+    def match(self, query: torch.Tensor, min_cos: float) -> tuple[np.ndarray, np.ndarray]:
+        """For each row of ``query`` ``[q, d]`` (position-aware embeddings) the best reference row."""
+        q = query.shape[0]
+        idx, ok = np.zeros(q, dtype=np.int64), np.zeros(q, dtype=bool)
+        if q == 0 or self.ids.size == 0:
+            return idx, ok
+        qn = torch.nn.functional.normalize(query.float(), dim=1)
+        qcodes = self._codes(qn).tolist()
+        empty = np.zeros(0, dtype=np.int64)
+        cands = [np.unique(np.concatenate([b.get(c[i], empty) for b, c in zip(self.buckets, qcodes)]))
+                 for i in range(q)]
+        rows = np.unique(np.concatenate(cands)) if cands else empty
+        if rows.size == 0:
+            return idx, ok
+        kn = torch.nn.functional.normalize(
+            positional_embeddings(self.embed(self.ids[rows]), torch.from_numpy(rows)).float(), dim=1)
+        where = {int(j): k for k, j in enumerate(rows.tolist())}
+        for i, cj in enumerate(cands):
+            if cj.size == 0:
+                continue
+            sims = kn[[where[int(j)] for j in cj]] @ qn[i]
+            b = int(torch.argmax(sims))
+            if float(sims[b]) >= min_cos:
+                idx[i], ok[i] = int(cj[b]), True
+        return idx, ok
+
+
 def map_tokens(target_ids: np.ndarray, ref_ids: np.ndarray, target_emb: torch.Tensor | None = None,
                ref_emb: torch.Tensor | None = None, *, anchor: int = 3, lsh_bits: int = 10,
-               lsh_tables: int = 4, fuzzy_min_cos: float = 0.5, seed: int = 0) -> TokenMapping:
+               lsh_tables: int = 4, fuzzy_min_cos: float = 0.5, seed: int = 0, embed=None,
+               reference_lsh=None) -> TokenMapping:
     """Map every target token to a reference token (exact first, then LSH fuzzy).
 
-    ``target_emb`` ``[n, d]`` / ``ref_emb`` ``[m, d]``: input embeddings (E-cache);
-    without them only exact matching runs.
+    ``target_emb`` ``[n, d]`` / ``ref_emb`` ``[m, d]``: input embeddings (E-cache).
+    Alternatively ``embed`` (ids -> ``[k, d]``) embeds only the tokens left unmatched
+    after the exact pass, and ``reference_lsh`` (a callable returning the reference's
+    :class:`ReferenceLSH`, e.g. from a cache) is asked for only when some are left.
+    Without either, only exact matching runs.
     """
     t = np.asarray(target_ids, dtype=np.int64).reshape(-1)
     r = np.asarray(ref_ids, dtype=np.int64).reshape(-1)
     ref_index, kind = align_exact(t, r, anchor=anchor)
     todo = np.nonzero(kind == NONE)[0]
-    if todo.size and target_emb is not None and ref_emb is not None and r.size:
+    if todo.size and embed is not None and r.size:
+        lsh = reference_lsh() if reference_lsh is not None else ReferenceLSH(r, embed, lsh_bits, lsh_tables, seed)
+        j, ok = lsh.match(positional_embeddings(embed(t[todo]), torch.from_numpy(todo)), fuzzy_min_cos)
+        ref_index[todo[ok]] = j[ok]
+        kind[todo[ok]] = FUZZY
+    elif todo.size and target_emb is not None and ref_emb is not None and r.size:
         tq = positional_embeddings(target_emb[torch.from_numpy(todo)], torch.from_numpy(todo))
         rk = positional_embeddings(ref_emb, torch.arange(r.size))
         j, ok = lsh_match(tq, rk, lsh_bits, lsh_tables, fuzzy_min_cos, seed=seed)

@@ -252,9 +252,10 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
     score = candidate = None
 
     def plan_for(r: torch.Tensor):
-        return RowPlan.build(r, n, cfg.attention_chunks, sliding), (cos[:, r], sin[:, r])
+        return RowPlan.build(r, n, chunks, sliding), (cos[:, r], sin[:, r])
 
     probe_ok = L > 1 and _probe_supported(layers[1])
+    chunks = cfg.chunks_for(dev)
     plan, pe = plan_for(rows)
     with selective_attention(model, recorder) as attention:
         for l, layer in enumerate(layers):

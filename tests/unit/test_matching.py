@@ -81,3 +81,32 @@ def test_fuzzy_matches_unseen_tokens_with_embeddings():
     m = map_tokens(tgt, ref, emb[tgt], emb[ref], lsh_bits=6, lsh_tables=8, fuzzy_min_cos=0.9)
     assert (m.kind[10:13] == FUZZY).all() and m.ref_index[10:13].tolist() == [10, 11, 12]
     assert m.counts["fuzzy"] == 3 and m.counts["none"] == 0
+
+
+def test_cached_reference_lsh_gives_the_eager_mapping():
+    """Lazy embedding + the per-reference LSH tables == embedding and hashing everything each time."""
+    from semshare_core.matching import ReferenceLSH
+
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(400, 32, generator=g)
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 200, 300)
+    tgt = ref.copy()
+    tgt[rng.choice(300, 60, replace=False)] = rng.integers(200, 400, 60)  # unseen ids: fuzzy or none
+    emb[200:400] = emb[0:200] + 0.3 * torch.randn(200, 32, generator=g)
+    calls = []
+
+    def embed(ids):
+        calls.append(len(ids))
+        return emb[torch.from_numpy(np.asarray(ids))]
+
+    kw = dict(lsh_bits=6, lsh_tables=6, fuzzy_min_cos=0.6, seed=3)
+    eager = map_tokens(tgt, ref, emb[tgt], emb[ref], **kw)
+    lsh = ReferenceLSH(ref, embed, kw["lsh_bits"], kw["lsh_tables"], kw["seed"])
+    lazy = map_tokens(tgt, ref, embed=embed, reference_lsh=lambda: lsh, **kw)
+    assert eager.counts["fuzzy"] > 0 and eager.counts["none"] > 0
+    np.testing.assert_array_equal(lazy.kind, eager.kind)
+    np.testing.assert_array_equal(lazy.ref_index, eager.ref_index)
+    calls.clear()
+    map_tokens(ref, ref, embed=embed, reference_lsh=lambda: 1 / 0, **kw)  # nothing left over: nothing embedded
+    assert calls == []
