@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks --model smollm2 --device cpu
+	$(BIN)/python -m benchmarks --model smollm2 --device cpu --name cpu-smollm2
 
 # fresh venv, non-editable `pip install .`, `serve run serve_config.yaml` from an empty
 # directory (see tests/install/run_install_test.sh; PRESET=tiny-random for a faster run)
