@@ -3,15 +3,20 @@
 ``build_app(args)`` validates the args (:class:`serve_app.settings.AppArgs`, a preset
 from ``configs/`` overlaid by explicit keys) and binds::
 
-    Ingress (FastAPI, 1 replica)  ->  LLMServer (num_replicas, num_cpus / num_gpus each)
+    Ingress (FastAPI, 1 replica)  ->  SemShareServer (num_replicas, num_cpus / num_gpus each)
                                           -> IndexActor (named, detached, created on first use)
+
+With ``affinity`` (default) the model deployment uses the cache-affinity request router
+(:mod:`serve_app.affinity_router`).
 """
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
+from .affinity_router import CacheAffinityRouter
 from .ingress import Ingress
-from .llm_server import LLMServer
+from .llm_server import SemShareServer
 from .settings import AppArgs, resolve_args
 
 
@@ -21,7 +26,13 @@ def build_app(args: dict | None = None) -> Application:
     actor_opts = {"num_cpus": a.num_cpus}
     if a.num_gpus:
         actor_opts["num_gpus"] = a.num_gpus
-    llm = LLMServer.options(
+    router = {}
+    if a.affinity:
+        router["request_router_config"] = RequestRouterConfig(
+            request_router_class=CacheAffinityRouter,
+            request_router_kwargs={"imbalanced_threshold": a.affinity_imbalance_threshold})
+    llm = SemShareServer.options(
+        **router,
         num_replicas=a.num_replicas,
         ray_actor_options=actor_opts,
         max_ongoing_requests=a.max_ongoing_requests,

@@ -34,7 +34,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import AuthConfigError, KeyRing, Principal, open_mode_principal
-from .index_actor import get_or_create_index_actor
+from .front import Front
+from .protocol import ClientError
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
                       error_body)
 from .settings import AppArgs
@@ -231,7 +232,8 @@ class Ingress:
         self.model_name = self.args.served_model_name()
         self.default_threshold = self.args.semshare_config().sim_threshold
         self.created = int(time.time())
-        self._index_handle = None
+        # tokenize + fingerprint + look up once, here, before routing (serve_app/front.py)
+        self.front = Front(self.args, signature_fn=self._model_signature)
         try:
             keys = KeyRing.from_args(self.args)
         except AuthConfigError as e:  # fail the deployment, loudly, rather than serve without keys
@@ -268,15 +270,11 @@ class Ingress:
             raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists {self.model_name!r}",
                            type_="not_found_error", param="model")
 
-    async def _index(self):
-        if self._index_handle is None:
-            import asyncio
+    async def _model_signature(self) -> str:
+        return await self.llm.model_signature.remote()
 
-            a = self.args
-            self._index_handle = await asyncio.to_thread(
-                get_or_create_index_actor, a.index_name, a.index_namespace, a.semshare_config().fingerprint_dim,
-                a.index_max_items, a.index_max_bytes, a.tenant_max_items, a.tenant_max_bytes)
-        return self._index_handle
+    async def _index(self):
+        return await self.front.index.handle()
 
     async def _call_index(self, method: str, *args):
         import asyncio
@@ -285,7 +283,7 @@ class Ingress:
             handle = await self._index()
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self.args.lookup_timeout_s * 5)
         except (asyncio.TimeoutError, RayActorError) as e:
-            self._index_handle = None
+            self.front.index.reset()
             raise APIError(503, f"the cache index is unavailable ({type(e).__name__}); retry shortly",
                            type_="service_unavailable", headers=self.guard.retry_headers()) from e
 
@@ -325,7 +323,11 @@ class Ingress:
     async def _start(self, payload: dict, deadline: float):
         """Start generation; return ``(response_generator, first_event)`` or raise APIError."""
         try:
-            gen = self.llm.options(stream=True).generate.remote(payload)
+            req = await self.front.prepare(payload)
+        except ClientError as e:
+            raise APIError(e.status, str(e), e.error_type, param="prompt") from None
+        try:
+            gen = self.llm.options(stream=True).generate.remote(req)
         except BackPressureError as e:
             self.counters["overloaded"] += 1
             raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
@@ -377,9 +379,11 @@ class Ingress:
         rt = done["timing"]
         return {**{k: done[k] for k in ("text", "used_semshare", "cache_hit", "ref_key", "retrieved_sim",
                                          "store_key", "replica", "finish_reason", "fallback", "usage")},
+                **{k: done.get(k) for k in ("cache_tier", "depth", "ref_depth")},
                 "timing": {"ttft_ms": round(ttft, 3), "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
                            "lookup_ms": rt["lookup_ms"], "kv_fetch_ms": rt["kv_fetch_ms"],
-                           "prefill_ms": rt["prefill_ms"]}}
+                           "prefill_ms": rt["prefill_ms"], "kv_check_ms": rt.get("kv_check_ms", 0.0),
+                           "register_wait_ms": rt.get("register_wait_ms", 0.0)}}
 
     @app.get("/v1/cache/stats")
     async def cache_stats(self, request: Request):
@@ -471,8 +475,8 @@ class Ingress:
                     "prompt_tokens_details": {"cached_tokens": u["reused_tokens"]}}
 
         def semshare(done: dict) -> dict:
-            return {k: done[k] for k in ("cache_hit", "ref_key", "retrieved_sim", "store_key", "replica",
-                                         "used_semshare", "fallback")}
+            return {k: done.get(k) for k in ("cache_hit", "cache_tier", "ref_key", "retrieved_sim", "store_key",
+                                             "replica", "used_semshare", "fallback", "depth")}
 
         if not body.stream:
             done = await self._collect(gen, first, deadline)

@@ -6,8 +6,8 @@ format (``PackedKV.to_bytes``, CRC-checked), something else entirely, a PackedKV
 whose arrays were truncated or corrupted at rest (unpickling does not run
 ``__post_init__``), or KV of another model. :func:`load_reference` returns a PackedKV
 the engine can use, or raises :class:`KVFormatError` (malformed, truncated,
-corrupted) / :class:`KVMismatchError` (another model). Callers fall back to a full
-prefill on either.
+corrupted, non-finite KV or first-token logits) / :class:`KVMismatchError` (another
+model). Callers fall back to a full prefill on either, and report the entry.
 """
 from __future__ import annotations
 
@@ -52,4 +52,10 @@ def load_reference(obj: Any, signature: ModelSignature, expected_tokens: Optiona
         raise KVFormatError("reference token ids are outside the vocabulary")
     if not bool(torch.isfinite(packed.to_torch()).all()):
         raise KVFormatError("reference KV holds non-finite values")
+    logits = getattr(packed, "last_logits", None)
+    if logits is not None:  # replayed as the first token's distribution: must be sane
+        if not isinstance(logits, np.ndarray) or logits.shape != (signature.vocab_size,) or logits.dtype != np.float32:
+            raise KVFormatError("reference first-token logits are malformed")
+        if not bool(np.isfinite(logits).all()):
+            raise KVFormatError("reference first-token logits hold non-finite values")
     return packed

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+from .protocol import KEY_PATTERN, TENANT_PATTERN
+
 MAX_TOKENS_HARD = 1 << 20  # anything above is nonsense whatever the config
 
 
@@ -26,7 +28,7 @@ class GenerateRequest(_Sampling):
 
     prompt: StrictStr = Field(..., min_length=1)
     max_new_tokens: int = Field(128, ge=1, le=MAX_TOKENS_HARD)
-    store_key: Optional[StrictStr] = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-:/]+$")
+    store_key: Optional[StrictStr] = Field(None, min_length=1, max_length=128, pattern=KEY_PATTERN)
 
 
 class Usage(BaseModel):
@@ -42,6 +44,8 @@ class Timing(BaseModel):
     lookup_ms: float = 0.0
     kv_fetch_ms: float = 0.0
     prefill_ms: float = 0.0
+    kv_check_ms: float = 0.0
+    register_wait_ms: float = 0.0
 
 
 class GenerateResponse(BaseModel):
@@ -54,6 +58,9 @@ class GenerateResponse(BaseModel):
     replica: str
     finish_reason: str
     fallback: Optional[str] = None
+    cache_tier: Optional[str] = None  # "hot" (replica-local) | "cold" (object store) | None
+    depth: Optional[int] = None       # derivation depth of the entry named by store_key
+    ref_depth: Optional[int] = None
     usage: Usage
     timing: Timing
 
@@ -109,7 +116,7 @@ class ClearRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     all_tenants: StrictBool = False
-    tenant: Optional[StrictStr] = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    tenant: Optional[StrictStr] = Field(None, pattern=TENANT_PATTERN)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Any = None, code: Any = None) -> dict:

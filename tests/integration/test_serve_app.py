@@ -373,7 +373,7 @@ def test_killing_the_registering_replica_keeps_the_entry(server):
     while "survivor" not in [e["key"].split(":", 1)[1] for e in ray.get(server.index_actor().entries.remote())]:
         assert time.time() < deadline
         time.sleep(0.2)
-    victim = ray.get_actor(f"SERVE_REPLICA::semshare#LLMServer#{first['replica']}", namespace="serve")
+    victim = ray.get_actor(f"SERVE_REPLICA::semshare#SemShareServer#{first['replica']}", namespace="serve")
     ray.kill(victim, no_restart=True)
     for _ in range(40):
         r = _gen_retrying(server, p, temperature=0, max_new_tokens=4)
