@@ -163,7 +163,8 @@ class KVIndex:
         ``lose``: the entry now points at an object whose owner has died (``OwnerDiedError``
         on get); ``truncate``: a PackedKV whose array lost half its tokens (unpickling skips
         validation); ``corrupt_bytes`` / ``truncate_bytes``: the CRC-checked wire format
-        with one flipped byte / cut in half; ``foreign``: the signature of another model.
+        with one flipped byte / cut in half; ``foreign``: the signature of another model;
+        ``nan_logits``: first-token logits with NaNs (an identical prompt would replay them).
         The entry keeps its metadata, so the next lookup still finds it, under a new
         version (``uid``): replicas' hot copies of the old, intact object no longer match.
         """
@@ -199,6 +200,12 @@ class KVIndex:
                 else:
                     blob = blob[: len(blob) // 2]
                 e.payload = ray.put(bytes(blob))
+            elif kind == "nan_logits":
+                if packed.last_logits is None:
+                    raise ValueError("nan_logits needs an exact entry (with first-token logits)")
+                bad_logits = np.array(packed.last_logits, dtype=np.float32)
+                bad_logits[::7] = np.nan
+                e.payload = ray.put(PackedKV(packed.data, packed.dtype, packed.token_ids, packed.signature, bad_logits))
             elif kind == "foreign":
                 from dataclasses import replace
 

@@ -326,16 +326,23 @@ class Ingress:
             req = await self.front.prepare(payload)
         except ClientError as e:
             raise APIError(e.status, str(e), e.error_type, param="prompt") from None
-        try:
-            gen = self.llm.options(stream=True).generate.remote(req)
-        except BackPressureError as e:
-            self.counters["overloaded"] += 1
-            raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
-                           headers=self.guard.retry_headers()) from e
-        try:
-            first = await self._next(gen, deadline)
-        except StopAsyncIteration as e:
-            raise APIError(500, "generation produced no events", type_="internal_error") from e
+        for attempt in range(3):  # a replica that died before its first event: nothing was sent, retry
+            try:
+                gen = self.llm.options(stream=True).generate.remote(req)
+            except BackPressureError as e:
+                self.counters["overloaded"] += 1
+                raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
+                               headers=self.guard.retry_headers()) from e
+            try:
+                first = await self._next(gen, deadline)
+                break
+            except StopAsyncIteration as e:
+                raise APIError(500, "generation produced no events", type_="internal_error") from e
+            except APIError as e:
+                if e.code != "replica_failed" or attempt == 2:
+                    raise
+                self.counters["replica_retries"] = self.counters.get("replica_retries", 0) + 1
+                logger.warning("replica failed before the first event (%s): retrying on another", e.message)
         if first.get("type") == "error":
             raise APIError(first.get("status", 400), first.get("message", "bad request"),
                            first.get("error_type", "invalid_request_error"), param="prompt")
