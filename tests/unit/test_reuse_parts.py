@@ -78,3 +78,23 @@ def test_replica_request_checks():
             bad.check(10, 512)
         assert e.value.status == status
     assert Sampling(4, 1e-9, 0.0).normalized().temperature == 0.0
+
+
+def test_reference_check_rejects_any_non_finite_value_and_bad_logits(engine):
+    from semshare_core import KVFormatError, PackedKV
+    from serve_app.kvcheck import load_reference
+
+    ids = engine.encode(" ".join(corpus_text()[9000:9400].split()))
+    good = engine.export_kv(engine.prefill(ids))
+    assert good.last_logits is not None
+    load_reference(good, engine.signature, ids.size)
+    for vals in ([np.nan], [np.inf], [np.inf, -np.inf], [-np.inf]):
+        data = good.data.copy()
+        for j, v in enumerate(vals):
+            data[1 + j, 1, 0, 3 + j, 2] = v
+        with pytest.raises(KVFormatError):
+            load_reference(PackedKV(data, good.dtype, good.token_ids, good.signature), engine.signature)
+    logits = good.last_logits.copy()
+    logits[5] = np.nan
+    with pytest.raises(KVFormatError, match="logits"):
+        load_reference(PackedKV(good.data, good.dtype, good.token_ids, good.signature, logits), engine.signature)
