@@ -1,4 +1,4 @@
-"""The Ray Serve app end to end (tiny-random preset, 2 LLMServer replicas, one index).
+"""The Ray Serve app end to end (tiny-random preset, 2 SemShareServer replicas, one index).
 
 Tests that kill things (a replica, the index actor) are at the end of the file and
 leave the app serving again before they return.
