@@ -181,7 +181,7 @@ def combine(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def derived_config(config: str, out: Path, replicas, num_cpus, affinity, port: int) -> str:
+def derived_config(config: str, out: Path, replicas, num_cpus, affinity, port: int, extra: dict | None = None) -> str:
     """``config`` with the app args overridden; written next to the results."""
     doc = yaml.safe_load(Path(config).read_text())
     doc.setdefault("http_options", {})["port"] = port
@@ -192,6 +192,7 @@ def derived_config(config: str, out: Path, replicas, num_cpus, affinity, port: i
         args["num_cpus"] = num_cpus
     if affinity is not None:
         args["affinity"] = affinity == "on"
+    args.update(extra or {})
     path = out / f".load-{os.getpid()}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=None, help="model replicas (with --start-server)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs per model replica (with --start-server)")
     p.add_argument("--affinity", choices=("on", "off"), default=None, help="cache-affinity routing")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another app arg for the started server (YAML value), e.g. hot_tier_bytes=60000000")
     p.add_argument("--modes", nargs="+", choices=("reuse_off", "reuse_on"), default=["reuse_off", "reuse_on"])
     p.add_argument("--combine", nargs="+", default=None, help="result JSON files: write one comparison table")
     a = p.parse_args(argv)
@@ -255,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{a.name}.md").write_text(f"# Load benchmark: {a.name}\n\n" + table)
         print(table)
         return 0
-    if (a.replicas or a.num_cpus or a.affinity) and not a.start_server:
-        p.error("--replicas / --num-cpus / --affinity configure the server: use them with --start-server")
+    extra = {}
+    for kv in a.arg:
+        k, _, v = kv.partition("=")
+        extra[k] = yaml.safe_load(v)
+    if (a.replicas or a.num_cpus or a.affinity or extra) and not a.start_server:
+        p.error("--replicas / --num-cpus / --affinity / --arg configure the server: use them with --start-server")
     host = httpx.URL(a.url).host
     if host not in ("127.0.0.1", "localhost", "::1"):
         p.error("the load benchmark only targets loopback addresses")
@@ -269,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     proc, startup_s, config = None, None, a.config
     if a.start_server:
         config = a.config
-        if a.replicas or a.num_cpus or a.affinity:
+        if a.replicas or a.num_cpus or a.affinity or extra:
             config = derived_config(a.config, Path(a.out_dir), a.replicas, a.num_cpus, a.affinity,
-                                    httpx.URL(a.url).port or 8000)
+                                    httpx.URL(a.url).port or 8000, extra)
         proc = start_server(config, Path(a.out_dir) / f"{a.name}.server.log")
     try:
         startup_s = wait_healthy(a.url, 600 if a.start_server else 10)
