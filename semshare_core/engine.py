@@ -43,6 +43,7 @@ class PrefillStats:
     reused_tokens: int = 0
     recomputed_tokens: int = 0
     rows_per_layer: list[int] = field(default_factory=list)
+    probe_rows: int = 0
     retained_per_layer: list[int] = field(default_factory=list)
     mapping: dict[str, int] = field(default_factory=dict)
     mapping_ms: float = 0.0
@@ -71,6 +72,15 @@ class PrefillResult:
     mapping: TokenMapping | None = None
     explicit_positions: bool = False
     exact: bool = False  # keys/values/logits are exactly a full prefill's (export keeps the logits)
+
+    def release_full_kv(self) -> None:
+        """Drop the references to the prompt's full KV (``keys``/``values``).
+
+        On a hit they are buffers of their own (the decode cache holds copies, pruned
+        when retention < 1): once exported they are dead weight during decode. Called by
+        :meth:`SemShareEngine.decode` before its first decode step.
+        """
+        self.keys, self.values = [], []
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -194,7 +204,7 @@ class SemShareEngine:
         else:
             kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
         delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
-        kv[:, 0] = self.rerotate(kv[:, 0], delta)
+        self.rerotate.rotate_(kv[:, 0], delta)
         return kv
 
     def _clock(self) -> float:
@@ -224,7 +234,7 @@ class SemShareEngine:
         t3 = self._clock()
         recomputed = out.rows_per_layer[1] if L > 1 else n
         stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
-                             rows_per_layer=out.rows_per_layer,
+                             rows_per_layer=out.rows_per_layer, probe_rows=out.probe_rows,
                              retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
                              mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
                              prefill_ms=(t3 - t2) * 1e3)
@@ -233,7 +243,13 @@ class SemShareEngine:
     # decode ----------------------------------------------------------------------
     def decode(self, pre: PrefillResult, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
-        """Stream generated token ids. The prefill's cache is consumed (mutated)."""
+        """Stream generated token ids. The prefill's cache is consumed (mutated).
+
+        Before the first decode step (after the first token is yielded) the prompt's full
+        KV held for export is released (:meth:`PrefillResult.release_full_kv`), so that
+        during decode only the decode cache stays in memory (retained rows only, when
+        pruned).
+        """
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,))))
         logits, pos = pre.logits, int(pre.ids.size)
@@ -242,6 +258,8 @@ class SemShareEngine:
             yield tok
             if (stop_on_eos and tok in self.eos_ids) or i + 1 == max_new_tokens:
                 return
+            if i == 0:  # the cache is about to change: export_kv must have run by now
+                pre.release_full_kv()
             with self.lock, torch.inference_mode():
                 if pre.explicit_positions:
                     logits = layer_step(self.model, tok, pos, pre.cache)
@@ -258,7 +276,10 @@ class SemShareEngine:
         """The prompt's full KV (before pruning), packed for the index.
 
         Exact results (full prefill, replay) also carry their first-token logits.
-        Call before decoding: decoding appends to the cache these tensors belong to.
+        Call before the second token is requested from :meth:`decode`: its first decode
+        step changes the cache and releases these tensors.
         """
+        if not pre.keys:
+            raise RuntimeError("export_kv after decoding began: the prompt's full KV was already released")
         return PackedKV.from_layers(list(zip(pre.keys, pre.values)), pre.ids, self.signature,
                                     pre.logits if pre.exact else None)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 _MAGIC = b"SSKV1\0"
+# values sampled (strided) from every floating-point tensor of the model for its signature
+_SIGNATURE_SAMPLES = 1024
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,7 +39,13 @@ class KVFormatError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What a KV cache depends on: architecture, shapes, RoPE and the weights."""
+    """What a KV cache depends on: architecture, shapes, RoPE and the weights.
+
+    ``weights``: SHA-256 (first 16 hex digits) over every floating-point tensor of the
+    model's state dict: its name, shape and a strided sample of 1,024 values. A fine-tune
+    that differs anywhere (a deep layer included) gets another signature, unless its
+    change avoids every sampled value of every tensor.
+    """
 
     architecture: str
     num_layers: int
@@ -56,13 +64,14 @@ class ModelSignature:
                                                            "rope_scaling": getattr(cfg, "rope_scaling", None)}
         h = hashlib.sha256()
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(("embed_tokens.weight", "layers.0.self_attn.k_proj.weight",
-                                  "layers.0.self_attn.v_proj.weight", "norm.weight")):
-                    flat = p.detach().reshape(-1)
-                    step = max(1, flat.numel() // 4096)
-                    h.update(name.encode())
-                    h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+            for name, p in sorted(model.state_dict(keep_vars=False).items()):
+                if not torch.is_floating_point(p):
+                    continue
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // _SIGNATURE_SAMPLES)
+                h.update(name.encode())
+                h.update(str(tuple(p.shape)).encode())
+                h.update(flat[::step][:_SIGNATURE_SAMPLES].float().cpu().numpy().tobytes())
         return cls(architecture=type(model).__name__, num_layers=cfg.num_hidden_layers,
                    num_kv_heads=cfg.num_key_value_heads, head_dim=int(head_dim),
                    hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,

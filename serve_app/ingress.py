@@ -10,13 +10,18 @@ health needs ``Authorization: Bearer <key>`` (401 JSON + ``WWW-Authenticate``) a
 tenant is the key's; without keys ``X-Tenant`` picks it (default ``default``). Lookups,
 stats and clear only see the caller's tenant; admin keys see / clear all.
 
-An ASGI guard in front of the routes enforces, in order: authentication, the body
-limit on the bytes actually received (chunked bodies too), and an admission limit on
-generation requests (``max_concurrent_requests``: 503 JSON + ``Retry-After``). Each
-generation runs under ``request_timeout_s`` (504 JSON, or an SSE error event and
-``[DONE]`` once the stream has started). Fault counters are in the admin stats.
+An ASGI guard in front of the routes enforces, in order: header count / size limits
+(431), authentication, the body limit on the bytes actually received (chunked bodies
+too) under a body-read deadline (408) with a bounded pool of requests still receiving
+(503), and an admission limit on generation requests whose body has arrived
+(``max_concurrent_requests``: 503 JSON + ``Retry-After``); see :mod:`serve_app.http_edge`.
+Each generation runs under ``request_timeout_s`` (504 JSON, or an SSE error event and
+``[DONE]`` once the stream has started). The guard also writes one access-log line and
+the Prometheus metrics per generation request (:mod:`serve_app.observability`); a client
+that hangs up is logged as cancelled. Fault counters are in the admin stats.
 """
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -33,8 +38,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import AuthConfigError, KeyRing, Principal, open_mode_principal
+from .auth import TENANT_RE, AuthConfigError, KeyRing, Principal, open_mode_principal
 from .front import Front
+from .http_edge import BodyReader, header_problem
+from .observability import IngressMetrics, access_record, log_access, outcome_of
 from .protocol import ClientError
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
                       error_body)
@@ -44,7 +51,7 @@ logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="semshare-serve", version="0.1.0",
               description="Semantic KV-cache reuse (SemShareKV) on Ray Serve")
-HEALTH_PATHS = frozenset({"/health", "/v1/health"})
+HEALTH_PATHS = frozenset({"/health", "/v1/health", "/ready", "/v1/ready"})
 GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
 
 
@@ -98,16 +105,23 @@ async def _internal_error(request: Request, exc: Exception):
 
 def _new_counters() -> dict:
     return {"requests": 0, "auth_failures": 0, "forbidden": 0, "body_too_large": 0, "overloaded": 0,
-            "timeouts": 0, "replica_failures": 0, "stream_errors": 0, "internal_errors": 0, "fallbacks": {}}
+            "timeouts": 0, "replica_failures": 0, "stream_errors": 0, "internal_errors": 0, "headers_too_large": 0,
+            "cancelled": 0, "fallbacks": {}}
 
 
 class Guard:
-    """Per-replica request guard: auth, body limit, admission. Set up by ``Ingress.__init__``."""
+    """Per-replica request guard: header limits, auth, body (limit, deadline, receiving pool),
+    admission, access log + metrics. Set up by ``Ingress.__init__``."""
 
-    def __init__(self, args: AppArgs, keys: KeyRing):
-        self.args, self.keys = args, keys
+    def __init__(self, args: AppArgs, keys: KeyRing, metrics: Optional[IngressMetrics] = None):
+        self.args, self.keys, self.metrics = args, keys, metrics
         self.counters = _new_counters()
         self.inflight = 0
+        self.body = BodyReader(args.max_receiving_requests, args.body_timeout_s)
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.gauges(self.inflight, self.body.receiving)
 
     def retry_headers(self) -> dict:
         return {"Retry-After": str(self.args.retry_after_s)}
@@ -117,6 +131,10 @@ class Guard:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
+        problem = header_problem(scope.get("headers") or [], self.args.max_header_bytes, self.args.max_header_count)
+        if problem:
+            self.counters["headers_too_large"] += 1
+            return await _err(431, problem, code="headers_too_large")(scope, receive, send)
         if path in HEALTH_PATHS:
             return await app_(scope, receive, send)
         self.counters["requests"] += 1
@@ -147,21 +165,24 @@ class Guard:
                     self.counters["body_too_large"] += 1
                     return await _err(413, f"request body over {limit} bytes", code="body_too_large")(
                         scope, receive, send)
-            chunks, total = [], 0
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return None
-                body = msg.get("body", b"")
-                total += len(body)
-                if total > limit:
+            # a slow body holds a receiving slot (bounded), not an admission slot
+            self._gauges()
+            out = await self.body.read(receive, limit)
+            self._gauges()
+            if out.cancelled:
+                self.counters["cancelled"] += 1
+                return None  # nobody to answer; logged as cancelled by the reader
+            if out.status:
+                if out.status == 413:
                     self.counters["body_too_large"] += 1
-                    return await _err(413, f"request body over {limit} bytes", code="body_too_large")(
-                        scope, receive, send)
-                chunks.append(body)
-                if not msg.get("more_body", False):
-                    break
-            receive = _replay(b"".join(chunks), receive)
+                elif out.status == 503:
+                    self.counters["overloaded"] += 1
+                else:
+                    self.counters["timeouts"] += 1
+                type_ = {408: "timeout", 503: "overloaded"}.get(out.status, "invalid_request_error")
+                hdrs = {**self.retry_headers(), "Connection": "close"} if out.status == 503 else {"Connection": "close"}
+                return await _err(out.status, out.message, type_, code=out.code, headers=hdrs)(scope, receive, send)
+            receive = _replay(out.body, receive)
         # 3. admission (generation only; stats / models stay cheap and always answer)
         if path in GENERATION_PATHS:
             if self.inflight >= self.args.max_concurrent_requests:
@@ -170,11 +191,54 @@ class Guard:
                             code="too_many_requests", headers=self.retry_headers())
                 return await resp(scope, receive, send)
             self.inflight += 1
+            self._gauges()
             try:
-                return await app_(scope, receive, send)
+                return await self._observed(app_, path, principal, scope, receive, send)
             finally:
                 self.inflight -= 1
+                self._gauges()
         return await app_(scope, receive, send)
+
+    async def _observed(self, app_, path: str, principal: Principal, scope, receive, send):
+        """Run a generation route; then one access line + the metrics (status seen on ``send``)."""
+        info = {"t0": time.perf_counter(), "done": None, "ttft_s": None, "stream": False,
+                "tenant": principal.tenant, "request_id": uuid.uuid4().hex[:16]}
+        scope["state"]["semshare"] = info
+        status = {"code": None}
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        outcome, error = None, None
+        try:
+            return await app_(scope, receive, send_)
+        except asyncio.CancelledError:  # the client hung up (Serve cancels the request)
+            outcome = "cancelled"
+            self.counters["cancelled"] += 1
+            raise
+        except Exception as e:
+            error = type(e).__name__
+            raise
+        finally:
+            code = status["code"] or (499 if outcome == "cancelled" else 500)
+            done = info["done"]
+            if outcome is None:
+                outcome = info.get("outcome") or (outcome_of(done) if done is not None and code < 400 else "error")
+            if outcome == "cancelled":
+                logger.info("request %s on %s cancelled: the client disconnected", info["request_id"], path)
+            try:
+                if self.metrics is not None:
+                    self.metrics.finished(path, code, outcome, done, info["ttft_s"])
+                if self.args.access_log:
+                    log_access(access_record(
+                        request_id=info["request_id"], route=path, status=code, tenant=info["tenant"],
+                        model=self.args.served_model_name(), done=done, ttft_s=info["ttft_s"],
+                        total_s=time.perf_counter() - info["t0"], stream=info["stream"], outcome=outcome,
+                        error=error or info.get("error")), logger)
+            except Exception:  # noqa: BLE001 - observability never fails a request
+                logger.exception("access log / metrics failed")
 
 
 def _replay(body: bytes, receive):
@@ -185,7 +249,12 @@ def _replay(body: bytes, receive):
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # after the body: disconnect notifications
+        try:
+            return await receive()  # after the body: disconnect notifications
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the proxy dropped the request: the client is gone
+            return {"type": "http.disconnect"}
     return replay
 
 
@@ -219,6 +288,24 @@ def _principal(request: Request) -> Principal:
     return p if isinstance(p, Principal) else Principal("default")
 
 
+def _request_info(request: Request) -> dict:
+    """The guard's per-request record (access log / metrics); a dummy outside generation routes."""
+    info = getattr(request.state, "semshare", None)
+    return info if isinstance(info, dict) else {}
+
+
+def salted_tenant(tenant: str, salt: Optional[str]) -> str:
+    """The index namespace for ``tenant`` + ``cache_salt``: requests share cached KV only with
+    the same tenant AND salt. A valid tenant name (<= 64 chars), derived from a hash of both,
+    so no salt can reach another tenant's entries or the unsalted ones."""
+    if salt is None:
+        return tenant
+    digest = hashlib.sha256(f"{tenant}\0{salt}".encode("utf-8")).hexdigest()[:20]
+    name = f"{tenant[:38]}.salt-{digest}"  # <= 64 chars
+    assert TENANT_RE.match(name)
+    return name
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -238,15 +325,22 @@ class Ingress:
             keys = KeyRing.from_args(self.args)
         except AuthConfigError as e:  # fail the deployment, loudly, rather than serve without keys
             raise RuntimeError(f"API key configuration: {e}") from None
-        self.guard = Guard(self.args, keys)
+        self.metrics = IngressMetrics(self.model_name)
+        self.guard = Guard(self.args, keys, self.metrics)
         self.counters = self.guard.counters
+        self._ready_lock = asyncio.Lock()
+        self._index_recreate: Optional[asyncio.Task] = None
         _install_guard(self.guard)
         logger.info("Ingress: %s", f"{len(keys)} API key(s), keyed mode" if keys.enabled
                     else "no API keys: open mode (X-Tenant header)")
 
     # helpers -----------------------------------------------------------------------
-    def _tenant(self, request: Request) -> str:
-        return _principal(request).tenant
+    def _tenant(self, request: Request, salt: Optional[str] = None) -> str:
+        """The index namespace of the request: the caller's tenant, or a salted one inside it."""
+        if salt is not None and not self.args.allow_cache_salt:
+            raise APIError(400, "cache_salt is not accepted by this server (allow_cache_salt is off)",
+                           param="cache_salt", code="cache_salt_unsupported")
+        return salted_tenant(_principal(request).tenant, salt)
 
     def _count_fallback(self, done: dict) -> None:
         reason = done.get("fallback")
@@ -378,30 +472,46 @@ class Ingress:
         t0 = time.perf_counter()
         self._check_max_new(body.max_new_tokens, "max_new_tokens")
         self._check_prompt_chars(body.prompt)
-        payload = {**body.model_dump(), "tenant": self._tenant(request)}
+        payload = {**body.model_dump(exclude={"cache_salt", "stop"}), "tenant": self._tenant(request, body.cache_salt),
+                   "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or [])}
         deadline = self._deadline()
+        info = _request_info(request)
         gen, first = await self._start(payload, deadline)
         ttft = (time.perf_counter() - t0) * 1e3
+        info["ttft_s"] = ttft / 1e3
         done = await self._collect(gen, first, deadline)
+        info["done"] = done
         rt = done["timing"]
+        usage = dict(done["usage"])
+        if isinstance(done.get("mapping"), dict):  # exact vs approximate split, when the replica reports it
+            usage["mapping"] = done["mapping"]
         return {**{k: done[k] for k in ("text", "used_semshare", "cache_hit", "ref_key", "retrieved_sim",
-                                         "store_key", "replica", "finish_reason", "fallback", "usage")},
+                                         "store_key", "replica", "finish_reason", "fallback")},
                 **{k: done.get(k) for k in ("cache_tier", "depth", "ref_depth")},
+                "usage": usage,
                 "timing": {"ttft_ms": round(ttft, 3), "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
                            "lookup_ms": rt["lookup_ms"], "kv_fetch_ms": rt["kv_fetch_ms"],
                            "prefill_ms": rt["prefill_ms"], "kv_check_ms": rt.get("kv_check_ms", 0.0),
                            "register_wait_ms": rt.get("register_wait_ms", 0.0)}}
 
     @app.get("/v1/cache/stats")
-    async def cache_stats(self, request: Request):
-        """The caller's tenant: entries, bytes, hits, misses, quotas. Admins: everything."""
+    async def cache_stats(self, request: Request, cache_salt: Optional[str] = None):
+        """The caller's tenant: entries, bytes, hits, misses, quotas. Admins: everything.
+        ``?cache_salt=...``: that salt's namespace inside the caller's tenant."""
         p = _principal(request)
+        if cache_salt is not None:
+            if not cache_salt or len(cache_salt) > 256:
+                raise APIError(422, "cache_salt must be 1-256 characters", param="cache_salt")
+            p = Principal(self._tenant(request, cache_salt), False, p.authenticated)
         if p.admin:
             stats = await self._call_index("stats", None)
             stats["caller_tenant"] = p.tenant
             stats["admin"] = True
             stats["ingress"] = json.loads(json.dumps(self.counters))
             stats["ingress"]["inflight"] = self.guard.inflight
+            stats["ingress"]["receiving"] = self.guard.body.receiving
+            stats["ingress"]["edge"] = dict(self.guard.body.counters)
+            stats["ingress"]["tokens"] = dict(self.metrics.totals)
             stats["default_sim_threshold"] = self.default_threshold
             return stats
         full = await self._call_index("stats", p.tenant)
@@ -417,7 +527,12 @@ class Ingress:
         """Clear the caller's tenant; an admin may clear another tenant or all of them."""
         p = _principal(request)
         target: Optional[str] = p.tenant
-        if body is not None and (body.all_tenants or (body.tenant is not None and body.tenant != p.tenant)):
+        if body is not None and body.cache_salt is not None:
+            if body.all_tenants or body.tenant is not None:
+                raise APIError(400, "cache_salt clears a namespace of the caller's own tenant; it cannot be "
+                               "combined with tenant / all_tenants", param="cache_salt")
+            target = self._tenant(request, body.cache_salt)
+        elif body is not None and (body.all_tenants or (body.tenant is not None and body.tenant != p.tenant)):
             if not p.admin:
                 self.counters["forbidden"] += 1
                 raise APIError(403, "only an admin key may clear other tenants", "permission_error",
@@ -429,13 +544,83 @@ class Ingress:
     @app.get("/health")
     @app.get("/v1/health")
     async def health(self):
+        """Liveness: this ingress replica's event loop answers. No remote call."""
         return {"status": "ok", "model": self.model_name}
 
+    @app.get("/ready")
+    @app.get("/v1/ready")
+    async def ready(self):
+        """Readiness: 200 only when Serve reports a running model replica AND the index actor
+        answers a ping within ``ready_timeout_s``; else 503 JSON with the reason."""
+        async with self._ready_lock:  # a burst of probes makes one check at a time
+            checks = {"model": await self._model_ready(), "index": await self._index_ready()}
+        bad = {k: v for k, v in checks.items() if v is not True}
+        if bad:
+            reason = "; ".join(f"{k}: {v}" for k, v in bad.items())
+            return JSONResponse({"status": "not_ready", "reason": reason, "checks": {k: v is True or v
+                                                                                    for k, v in checks.items()},
+                                 **error_body(f"not ready: {reason}", "service_unavailable", code="not_ready")},
+                                status_code=503, headers=self.guard.retry_headers())
+        return {"status": "ready", "model": self.model_name, "checks": {k: True for k in checks}}
+
+    async def _model_ready(self):
+        """True, or why not: Serve's controller view of the model deployment (it health-checks
+        every replica with ``check_health``), so a busy replica still counts as ready."""
+        try:
+            ctx = serve.get_replica_context()
+            name = getattr(self.llm, "deployment_name", None) or "SemShareServer"
+            st = await asyncio.wait_for(asyncio.to_thread(serve.status), self.args.ready_timeout_s * 2)
+            dep = st.applications[ctx.app_name].deployments.get(name)
+            if dep is None:
+                return f"deployment {name} not found"
+            running = int(dep.replica_states.get("RUNNING", 0))
+            if running < 1:
+                return f"no running replica ({dep.status}: {dict(dep.replica_states)})"
+            return True
+        except asyncio.TimeoutError:
+            return "the Serve controller did not answer"
+        except Exception as e:  # noqa: BLE001
+            return f"status unavailable ({type(e).__name__})"
+
+    async def _index_ready(self):
+        """True, or why not. A missing actor is re-created in the background (as replicas do on
+        their next lookup), so readiness returns once it is up."""
+        import ray
+
+        a = self.args
+        try:  # the per-model default namespace asks a replica for the model signature once
+            namespace = await asyncio.wait_for(self.front.index.namespace(), a.ready_timeout_s * 2)
+        except Exception as e:  # noqa: BLE001 - no replica yet
+            return f"index namespace unknown: no model signature yet ({type(e).__name__})"
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, a.index_name, namespace=namespace)
+        except ValueError:
+            if self._index_recreate is None or self._index_recreate.done():
+                self.front.index.reset()
+                self._index_recreate = asyncio.get_running_loop().create_task(self._index())
+            return "index actor not found (re-creating it)"
+        try:
+            await asyncio.wait_for(handle.ping.remote(), a.ready_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return f"index actor did not answer within {a.ready_timeout_s:g}s"
+        except Exception as e:  # noqa: BLE001 - dead / restarting
+            return f"index actor unavailable ({type(e).__name__})"
+
     # OpenAI-compatible ---------------------------------------------------------------
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "semshare-serve"}
+
     @app.get("/v1/models")
     async def models(self):
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                             "owned_by": "semshare-serve"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str):
+        if model_id != self.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; GET /v1/models lists {self.model_name!r}",
+                           type_="not_found_error", param="model", code="model_not_found")
+        return self._model_card()
 
     def _openai_payload(self, body, request: Request) -> dict:
         self._check_model(body.model)
@@ -446,7 +631,7 @@ class Ingress:
         self._check_max_new(max_new, "max_tokens")
         return {"max_new_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p,
                 "seed": body.seed, "use_semshare": body.use_semshare, "sim_threshold": body.sim_threshold,
-                "tenant": self._tenant(request)}
+                "tenant": self._tenant(request, body.cache_salt)}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -459,20 +644,25 @@ class Ingress:
             raise APIError(400, "prompt must not be empty", param="prompt")
         self._check_prompt_chars(prompt)
         payload = {**self._openai_payload(body, request), "prompt": prompt}
-        return await self._openai(body, payload, "text_completion", echo_prefix=prompt if body.echo else "")
+        return await self._openai(body, payload, "text_completion", request,
+                                  echo_prefix=prompt if body.echo else "")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         self._check_prompt_chars("".join(m["content"] for m in messages))
         payload = {**self._openai_payload(body, request), "messages": messages}
-        return await self._openai(body, payload, "chat.completion")
+        return await self._openai(body, payload, "chat.completion", request)
 
-    async def _openai(self, body, payload: dict, kind: str, echo_prefix: str = ""):
+    async def _openai(self, body, payload: dict, kind: str, request: Request, echo_prefix: str = ""):
         payload["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         created, rid = int(time.time()), ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         deadline = self._deadline()
+        info = _request_info(request)
+        info["stream"] = bool(body.stream)
+        t0 = time.perf_counter()
         gen, first = await self._start(payload, deadline)
+        info["ttft_s"] = time.perf_counter() - t0
         replica_hdr = {"X-SemShare-Replica": str(first.get("replica", ""))}
 
         def usage(done: dict) -> dict:
@@ -487,6 +677,7 @@ class Ingress:
 
         if not body.stream:
             done = await self._collect(gen, first, deadline)
+            info["done"] = done
             text = echo_prefix + done["text"]
             finish = done["finish_reason"]
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -527,6 +718,7 @@ class Ingress:
                         done = ev
                 if done is None:
                     raise RuntimeError("generation ended without a result")
+                info["done"] = done
                 final = chunk(None if kind == "chat.completion" else "", done["finish_reason"])
                 final["semshare"] = semshare(done)
                 yield _sse(final)
@@ -534,10 +726,12 @@ class Ingress:
                     yield _sse({"id": rid, "object": chunk_kind, "created": created, "model": self.model_name,
                                 "choices": [], "usage": usage(done)})
             except APIError as e:  # headers are sent: report in-band, then end the stream cleanly
+                info["outcome"], info["error"] = "error", e.type_
                 self.counters["stream_errors"] += 1
                 logger.warning("stream %s ended early: %s", rid, e.message)
                 yield _sse(error_body(e.message, e.type_, code=e.code))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
+                info["outcome"], info["error"] = "error", type(e).__name__
                 self.counters["stream_errors"] += 1
                 logger.exception("stream %s failed", rid)
                 yield _sse(error_body(f"generation failed: {type(e).__name__}", "internal_error"))

@@ -36,6 +36,7 @@ from ray.serve import metrics
 
 from semshare_core import SemShareEngine
 
+from .detokenize import IncrementalDetokenizer
 from .front import tokenizer_digest
 from .protocol import (KEY_RE, MIN_TEMPERATURE, TENANT_RE, ClientError, ReplicaRequest, done_event,  # noqa: F401
                        error_event, internal_key, public_key, token_event)
@@ -250,7 +251,7 @@ class SemShareServer:
         s = req.sampling.normalized()
         it = self.engine.decode(pre, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                 seed=s.seed, stop_on_eos=s.stop_on_eos)
-        text = TextStream(self.engine)
+        text = IncrementalDetokenizer(self.engine.tokenizer)  # linear in the output (TextStream re-decodes)
         stops = StopMatcher(list(s.stop))
         ttft_ms, n_out, last, finish, export_wait = None, 0, None, None, 0.0
         delay = self.args.fault_decode_delay_s

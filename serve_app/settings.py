@@ -1,13 +1,15 @@
 """Typed application arguments (validated once, at the edge) and model presets.
 
 ``build_app(args)`` receives a plain dict (from ``serve_config.yaml`` or the CLI);
-:func:`resolve_args` merges the named preset (``configs/<preset>.yaml``) under the
-given keys and validates the result as :class:`AppArgs`. The validated args travel
-to every deployment as a dict (``AppArgs.model_dump()``), so replicas never read
-the ``configs/`` folder themselves.
+:func:`resolve_args` merges the named preset (``serve_app/configs/<preset>.yaml``,
+package data read with :mod:`importlib.resources`, so it works from a wheel) under
+the given keys and validates the result as :class:`AppArgs`. The validated args
+travel to every deployment as a dict (``AppArgs.model_dump()``), so replicas never
+read the presets themselves.
 """
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,8 +18,38 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from semshare_core import SemShareConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_PACKAGE = "serve_app.configs"
+PRESET_RE = r"^[A-Za-z0-9_.\-]{1,64}$"
 BUILTIN_MODELS = ("smollm2-135m", "tiny-random", "tiny-random-mistral")
+
+
+class AutoscalingArgs(BaseModel):
+    """The model deployment's ``autoscaling_config`` (the keys most people need; Serve's own
+    ``AutoscalingConfig`` validates the rest when the deployment is built)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, le=1024)
+    max_replicas: int = Field(1, ge=1, le=1024)
+    initial_replicas: Optional[int] = Field(None, ge=0, le=1024)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="per replica; Serve adds replicas above it")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: Optional[float] = Field(None, gt=0)
+    look_back_period_s: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is over max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas
+                                                      <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def serve_config(self) -> dict:
+        """The dict for ``Deployment.options(autoscaling_config=...)`` (unset keys left out)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class AppArgs(BaseModel):
@@ -25,7 +57,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    preset: Optional[str] = Field(None, description="name of a file in configs/ (without .yaml)")
+    preset: Optional[str] = Field(None, description="a packaged preset (serve_app/configs/<name>.yaml); "
+                                  "see list_presets()")
     # model
     model: Optional[Literal["smollm2-135m", "tiny-random", "tiny-random-mistral"]] = None
     model_dir: Optional[str] = Field(None, description="local transformers folder (GPU presets)")
@@ -35,6 +68,9 @@ class AppArgs(BaseModel):
     torch_threads: Optional[int] = Field(None, ge=1)
     # deployments
     num_replicas: int = Field(1, ge=1, le=1024)
+    autoscaling_config: Optional[AutoscalingArgs] = Field(
+        None, description="model replicas scale between min_replicas and max_replicas on ongoing requests; "
+        "when set, num_replicas is not used")
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     ingress_num_cpus: float = Field(0.1, gt=0)
@@ -77,6 +113,19 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer ends: 504 JSON, "
                                      "or an SSE error event + [DONE] once streaming")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 answers")
+    # HTTP edge (serve_app/http_edge.py): slow / hostile clients
+    body_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request body must arrive within this: 408")
+    max_receiving_requests: int = Field(256, ge=1, description="requests per ingress replica still sending "
+                                        "their body; beyond it 503 + Retry-After")
+    max_header_bytes: int = Field(32768, ge=1024, description="total request header size: beyond it 431")
+    max_header_count: int = Field(100, ge=8, description="request headers: beyond it 431")
+    ready_timeout_s: float = Field(2.0, gt=0, le=60, description="/ready: how long the index actor may take")
+    allow_cache_salt: bool = Field(True, description="honour cache_salt (a namespace inside the tenant); "
+                                   "False: requests carrying one get 400")
+    # observability (serve_app/observability.py)
+    log_format: Literal["text", "json"] = Field("text", description="json: Serve's JSON log encoding for every "
+                                                "deployment (access lines carry a semshare_access object)")
+    access_log: bool = Field(True, description="one log line per generation request (never prompt text)")
     # tenants and keys (see serve_app/auth.py and docs/security.md)
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (prefer the env var "
                                      "or the file: inline keys are visible in the Serve config)")
@@ -115,15 +164,22 @@ class AppArgs(BaseModel):
         return self.model or Path(self.model_dir).name
 
 
+def _preset_dir():
+    return resources.files(PRESET_PACKAGE)
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(p.name[:-len(".yaml")] for p in _preset_dir().iterdir()
+                  if p.name.endswith(".yaml") and p.is_file())
 
 
 def load_preset(name: str) -> dict:
-    path = CONFIG_DIR / f"{name}.yaml"
-    if "/" in name or not path.is_file():
+    import re
+
+    path = _preset_dir() / f"{name}.yaml"
+    if not isinstance(name, str) or not re.match(PRESET_RE, name) or not path.is_file():
         raise ValueError(f"unknown preset {name!r}; available: {list_presets()}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"preset {name!r} is not a mapping")
     return data

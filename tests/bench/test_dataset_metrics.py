@@ -1,4 +1,4 @@
-"""The pair generator (determinism, edit ratios) and the quality metrics on known strings."""
+"""The prose pair generator (determinism, edit ratios) and the timing / quality statistics on known numbers."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import random
 import pytest
 
 from benchmarks import dataset
-from benchmarks.metrics import lcs_length, perplexity, rouge_l, words
+from benchmarks.metrics import agreement, perplexity, ppl_ratio, quantile, round_ratios, speedup_summary, spread
 
 
 def count_words(text: str) -> int:
@@ -65,21 +65,34 @@ def test_instruction_edit_keeps_document(docs):
     assert pair.reference.split("\n\n", 1)[0] != pair.variant.split("\n\n", 1)[0]
 
 
-def test_rouge_l_known_cases():
-    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    assert rouge_l("alpha beta gamma", "delta epsilon") == 0.0
-    # LCS "the cat on the mat" = 5 of 6 words each way: P = R = F = 5/6
-    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
-    # LCS a b c = 3: P = 3/3, R = 3/6 -> F = 2/3
-    assert rouge_l("a b c", "a x b y c z") == pytest.approx(2 / 3)
-    assert rouge_l([1, 2, 3], [1, 2, 3]) == 1.0
-    assert rouge_l("", "") == 1.0 and rouge_l("word", "") == 0.0
-    assert rouge_l("The Cat!", "the cat") == 1.0  # lower-cased word tokens
+def test_quantile_and_spread():
+    assert quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert quantile([10, 0, 5], 0.0) == 0 and quantile([10, 0, 5], 1.0) == 10
+    assert quantile([1, 2, 3, 4, 5], 0.25) == 2.0 and quantile([1, 2, 3, 4], 0.25) == pytest.approx(1.75)
+    s = spread([5.0, 1.0, 3.0, 9.0, 7.0])
+    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"], s["iqr"]) == (5.0, 1.0, 9.0, 3.0, 7.0, 4.0)
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
 
 
-def test_lcs_and_words_and_perplexity():
-    assert lcs_length("ABCBDAB", "BDCABA") == 4
-    assert lcs_length([], [1]) == 0
-    assert words("Hello, World 42") == ["hello", "world", "42"]
+def test_round_ratios_pair_rounds_not_medians():
+    full = [100.0, 200.0, 100.0, 300.0, 100.0]   # the machine slows down in rounds 2 and 4
+    hit = [50.0, 100.0, 25.0, 150.0, 50.0]        # ... and the hit with it
+    assert round_ratios(full, hit) == [2.0, 2.0, 4.0, 2.0, 2.0]
+    s = speedup_summary(full, hit)
+    assert (s["speedup"], s["speedup_min"], s["speedup_max"]) == (2.0, 2.0, 4.0)
+    # the ratio of medians would differ (100 / 50 = 2 here, but not in general):
+    assert speedup_summary([100, 300, 100], [50, 50, 100])["speedup"] == 2.0
+    with pytest.raises(ValueError):
+        round_ratios([1.0], [1.0, 2.0])
+
+
+def test_agreement_and_ppl_ratio():
+    assert agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert agreement([7], [7]) == 1.0
+    with pytest.raises(ValueError):
+        agreement([1], [1, 2])
+    assert ppl_ratio(10.0, 10.0, 5) == 1.0
+    assert ppl_ratio(10.0 + 4 * math.log(2), 10.0, 4) == pytest.approx(2.0)
     assert perplexity(0.0, 5) == 1.0
     assert perplexity(4 * math.log(2), 4) == pytest.approx(2.0)

@@ -301,13 +301,67 @@ def test_identical_prompt_with_exact_reference_is_replayed_like_generate(engine)
     assert hit.stats.rows_per_layer[0] == ids.size and engine.export_kv(hit).last_logits is None
 
 
+def test_decode_holds_only_retained_rows(engine):
+    """Pruning saves memory for real: once decoding starts, only the retained rows stay alive."""
+    import gc
+    import weakref
+
+    sents = prose(100, 14)
+    ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
+    ids = engine.encode(" ".join(sents[:7] + ["Yet another new sentence goes in the middle."] + sents[8:]))
+    pre = engine.prefill(ids, ref, engine.config.with_(retention=0.4, window=4, sink_tokens=2))
+    packed = engine.export_kv(pre)
+    assert packed.seq_len == ids.size  # the export keeps every row
+    full_rows = [weakref.ref(t) for t in pre.keys + pre.values]  # views of the prompt's [L, 2, H, n, D] buffer
+    H, D, L = engine.signature.num_kv_heads, engine.signature.head_dim, engine.num_layers
+    row_bytes = 2 * H * D * torch.finfo(engine.dtype).bits // 8  # K + V of one token at one layer
+
+    def cache_bytes() -> int:
+        return sum(t.numel() * t.element_size() for layer in pre.cache.layers for t in (layer.keys, layer.values))
+
+    retained = pre.stats.retained_per_layer
+    assert sum(retained) < L * ids.size
+    assert cache_bytes() == sum(retained) * row_bytes
+    steps = 3
+    list(engine.decode(pre, max_new_tokens=steps + 1, temperature=0.0, stop_on_eos=False))
+    gc.collect()
+    assert pre.keys == [] and pre.values == []
+    assert all(r() is None for r in full_rows), "the unpruned buffers outlived the start of decoding"
+    assert cache_bytes() == (sum(retained) + steps * L) * row_bytes
+    with pytest.raises(RuntimeError, match="released"):
+        engine.export_kv(pre)
+
+
+def test_row_plan_chunks_equal_one_masked_call():
+    """Position-ordered chunks over fewer keys give exactly the one-call masked attention."""
+    import torch.nn.functional as F
+
+    from semshare_core.attention import RowPlan, _planned_attention, visibility_mask
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    rows = torch.sort(torch.randperm(n - 4, generator=g)[:120]).values
+    rows = torch.cat([rows, torch.arange(n - 4, n)])
+    q = torch.randn(1, 4, rows.numel(), 16, generator=g)
+    k, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)
+    for sliding in (None, 50):
+        one = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                             attn_mask=visibility_mask(rows, n, sliding)).transpose(1, 2)
+        plan = RowPlan.build(rows, n, chunks=4, sliding_window=sliding)
+        assert len(plan.spans) == 4 and plan.spans[0][2] < n  # really chunked, first chunk sees fewer keys
+        torch.testing.assert_close(_planned_attention(None, q, k, v, plan, None), one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunks", [2, 5])
-def test_chunked_selected_rows_give_the_same_prefill(engine, chunks):
+def test_chunked_selected_rows_give_the_same_prefill(engine, chunks, monkeypatch):
+    from semshare_core import attention
+
+    monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 1)  # tiny prompts: chunk even a few rows
     sents = prose(60, 20)
     ref = engine.export_kv(engine.prefill(engine.encode(" ".join(sents))))
     ids = engine.encode(" ".join(sents[:5] + ["A short new sentence replaces an old one here."] + sents[6:]))
     cfg = engine.config.with_(retention=0.5)
-    one = engine.prefill(ids, ref, cfg)
+    one = engine.prefill(ids, ref, cfg.with_(attention_chunks=1))
     many = engine.prefill(ids, ref, cfg.with_(attention_chunks=chunks))
     torch.testing.assert_close(many.logits, one.logits, rtol=1e-5, atol=1e-5)
     for k1, k2 in zip(one.keys, many.keys):

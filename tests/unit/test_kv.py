@@ -1,6 +1,8 @@
 """Packed KV: layout, signature checks, wire format robustness."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,28 @@ def test_signature_tells_models_apart():
     assert sa.weights != sb.weights
     with pytest.raises(KVMismatchError, match="weights"):
         sa.check(sb)
+
+
+@pytest.mark.parametrize("part", ["mlp.down_proj.weight", "post_attention_layernorm.weight"])
+def test_signature_refuses_a_fine_tune_of_the_last_layer_only(part):
+    """Two models that differ only in their last decoder layer: KV of one is never used by the other."""
+    from semshare_core import SemShareEngine
+
+    base = tiny_engine("llama")
+    tuned = copy.deepcopy(base.model)
+    last = len(tuned.model.layers) - 1
+    with torch.no_grad():
+        p = dict(tuned.named_parameters())[f"model.layers.{last}.{part}"]
+        p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    other = SemShareEngine(tuned, base.tokenizer, base.config)
+    assert other.signature.weights != base.signature.weights
+    ids = base.encode(" ".join(prose(0, 4)))
+    exact = base.export_kv(base.prefill(ids))          # a full prefill's KV, replayable by the base model
+    assert exact.last_logits is not None
+    with pytest.raises(KVMismatchError, match="weights"):
+        other.prefill(ids, exact)                       # neither replayed nor reused
+    with pytest.raises(KVMismatchError, match="weights"):
+        other.prefill(base.encode(" ".join(prose(1, 4))), exact)
 
 
 def test_export_matches_prefill_cache():
