@@ -103,14 +103,17 @@ class IndexClient:
         self._handle = None
 
     async def call(self, method: str, *args, timeout: Optional[float] = None, **kw) -> Any:
-        """Raises on failure (callers decide); an actor error re-resolves the handle next time."""
-        try:
-            h = await self.handle()
-            return await asyncio.wait_for(getattr(h, method).remote(*args, **kw),
-                                          timeout or self.args.lookup_timeout_s * 5)
-        except RayActorError:
-            self.reset()
-            raise
+        """Raises on failure (callers decide). A dead actor (this handle's actor was killed for
+        good; someone may have re-created it under the name) is re-resolved and retried once."""
+        for attempt in (0, 1):
+            try:
+                h = await self.handle()
+                return await asyncio.wait_for(getattr(h, method).remote(*args, **kw),
+                                              timeout or self.args.lookup_timeout_s * 5)
+            except RayActorError:
+                self.reset()
+                if attempt:
+                    raise
 
     async def lookup(self, vec: np.ndarray, tenant: str, threshold: float) -> tuple[Optional[Reference], Optional[str]]:
         """``(Reference | None, fallback_reason | None)``; never raises."""
