@@ -27,9 +27,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
-import numpy as np
 import torch
 from ray import serve
 from ray.serve import metrics
@@ -47,27 +46,6 @@ logger = logging.getLogger("ray.serve")
 
 _END = object()
 _internal_key, _public_key = internal_key, public_key  # old names
-
-
-class TextStream:
-    """Incremental detokenisation: emit only text that is stable (no partial UTF-8)."""
-
-    def __init__(self, engine: SemShareEngine):
-        self.engine, self.ids, self.text = engine, [], ""
-
-    def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        full = self.engine.decode_text(self.ids)
-        if full.endswith("\ufffd") or not full.startswith(self.text):
-            return ""
-        delta, self.text = full[len(self.text):], full
-        return delta
-
-    def flush(self) -> str:
-        full = self.engine.decode_text(self.ids)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full
-        return delta
 
 
 class StopMatcher:
