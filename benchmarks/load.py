@@ -2,6 +2,8 @@
 
     python -m benchmarks.load --start-server              # starts `serve run serve_config.yaml`
     python -m benchmarks.load --url http://127.0.0.1:8000  # against a running server
+    python -m benchmarks.load --start-server --replicas 2 --num-cpus 0.9 --affinity on --modes reuse_on
+    python -m benchmarks.load --combine a.json b.json --name cmp   # one table from several runs
 
 The workload is built offline (``benchmarks.dataset``) and is the same for both modes:
 ``docs`` documents of about ``length`` tokens; each is sent once as written, then
@@ -12,7 +14,11 @@ requests in order from one queue. Each mode runs under its own tenant (``X-Tenan
 so the two never share cache entries. Loopback only; bounded in count.
 
 Writes ``benchmarks/results/<name>.json`` and ``<name>.md``: requests/s, p50/p99 of
-server-side TTFT and client latency, hit rate, reused tokens, non-200 count.
+server-side TTFT and client latency, hit rate, reused tokens, non-200 count, and for
+the hits: the share served from a replica's hot tier and their TTFT p50/p99.
+
+``--replicas`` / ``--num-cpus`` / ``--affinity`` (with ``--start-server``) override the
+serve config's app args: model replicas, CPUs each, cache-affinity routing on/off.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 from . import dataset
 
@@ -85,7 +92,8 @@ async def run_mode(url: str, workload: list[dict], use_semshare: bool, concurren
             if status == 200:
                 rec.update(ttft_ms=data["timing"]["ttft_ms"], cache_hit=data["cache_hit"],
                            prompt_tokens=data["usage"]["prompt_tokens"], reused_tokens=data["usage"]["reused_tokens"],
-                           replica=data.get("replica"))
+                           replica=data.get("replica"), cache_tier=data.get("cache_tier"),
+                           ref_key=data.get("ref_key"))
             records.append(rec)
 
     async with httpx.AsyncClient(timeout=timeout_s) as c:
@@ -103,7 +111,18 @@ def pct(xs: list[float], q: float) -> float | None:
 def summarize(records: list[dict], wall_s: float) -> dict:
     ok = [r for r in records if r["status"] == 200]
     kinds = sorted({r["kind"] for r in records})
+    hits = [r for r in ok if r.get("cache_hit")]
+    hot = [r for r in hits if r.get("cache_tier") == "hot"]
+    cold = [r for r in hits if r.get("cache_tier") == "cold"]
     return {
+        "hits": len(hits), "hot_hits": len(hot),
+        "hot_hit_share": round(len(hot) / len(hits), 3) if hits else None,
+        "hit_ttft_p50_ms": pct([r["ttft_ms"] for r in hits], 50), "hit_ttft_p99_ms": pct([r["ttft_ms"] for r in hits], 99),
+        "hit_ttft_min_ms": min((r["ttft_ms"] for r in hits), default=None),
+        "hit_ttft_max_ms": max((r["ttft_ms"] for r in hits), default=None),
+        "hot_hit_ttft_p50_ms": pct([r["ttft_ms"] for r in hot], 50),
+        "cold_hit_ttft_p50_ms": pct([r["ttft_ms"] for r in cold], 50),
+        "replicas_seen": len({r.get("replica") for r in ok if r.get("replica")}),
         "requests": len(records), "ok": len(ok), "non_200": len(records) - len(ok),
         "wall_s": round(wall_s, 2), "requests_per_s": round(len(ok) / wall_s, 3) if wall_s else None,
         "ttft_p50_ms": pct([r["ttft_ms"] for r in ok], 50), "ttft_p99_ms": pct([r["ttft_ms"] for r in ok], 99),
@@ -138,6 +157,45 @@ def markdown(result: dict) -> str:
         cells = [f"{f(v['ttft_p50_ms'])} ({v['hit_rate']:.2f})" for _, v in sorted(s["by_kind"].items())]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def combine(paths: list[str]) -> str:
+    """One markdown table (reuse_on rows) from several result files."""
+    lines = ["| run | replicas | affinity | ok / sent | hit rate | hot-hit share | hit TTFT p50 ms | hit TTFT p99 ms | "
+             "hit TTFT min..max ms | hot / cold hit TTFT p50 ms | TTFT p50 ms (all) | req/s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    f = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        cfg = res["config"]
+        for mode, s in res["modes"].items():
+            if mode != "reuse_on":
+                continue
+            lines.append(f"| {res['name']} | {cfg.get('replicas') or '?'} | {cfg.get('affinity') or '?'} | "
+                         f"{s['ok']} / {s['requests']} | {s['hit_rate']:.2f} | "
+                         f"{'–' if s.get('hot_hit_share') is None else format(s['hot_hit_share'], '.2f')} | "
+                         f"{f(s.get('hit_ttft_p50_ms'))} | {f(s.get('hit_ttft_p99_ms'))} | "
+                         f"{f(s.get('hit_ttft_min_ms'))}..{f(s.get('hit_ttft_max_ms'))} | "
+                         f"{f(s.get('hot_hit_ttft_p50_ms'))} / {f(s.get('cold_hit_ttft_p50_ms'))} | "
+                         f"{f(s['ttft_p50_ms'])} | {s['requests_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def derived_config(config: str, out: Path, replicas, num_cpus, affinity, port: int, extra: dict | None = None) -> str:
+    """``config`` with the app args overridden; written next to the results."""
+    doc = yaml.safe_load(Path(config).read_text())
+    doc.setdefault("http_options", {})["port"] = port
+    args = doc["applications"][0].setdefault("args", {})
+    if replicas is not None:
+        args["num_replicas"] = replicas
+    if num_cpus is not None:
+        args["num_cpus"] = num_cpus
+    if affinity is not None:
+        args["affinity"] = affinity == "on"
+    args.update(extra or {})
+    path = out / f".load-{os.getpid()}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
 
 
 def wait_healthy(url: str, timeout_s: float) -> float:
@@ -186,7 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="load-smollm2-cpu")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--replicas", type=int, default=None, help="model replicas (with --start-server)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per model replica (with --start-server)")
+    p.add_argument("--affinity", choices=("on", "off"), default=None, help="cache-affinity routing")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another app arg for the started server (YAML value), e.g. hot_tier_bytes=60000000")
+    p.add_argument("--modes", nargs="+", choices=("reuse_off", "reuse_on"), default=["reuse_off", "reuse_on"])
+    p.add_argument("--combine", nargs="+", default=None, help="result JSON files: write one comparison table")
     a = p.parse_args(argv)
+    if a.combine:
+        table = combine(a.combine)
+        out = Path(a.out_dir)
+        (out / f"{a.name}.md").write_text(f"# Load benchmark: {a.name}\n\n" + table)
+        print(table)
+        return 0
+    extra = {}
+    for kv in a.arg:
+        k, _, v = kv.partition("=")
+        extra[k] = yaml.safe_load(v)
+    if (a.replicas or a.num_cpus or a.affinity or extra) and not a.start_server:
+        p.error("--replicas / --num-cpus / --affinity / --arg configure the server: use them with --start-server")
     host = httpx.URL(a.url).host
     if host not in ("127.0.0.1", "localhost", "::1"):
         p.error("the load benchmark only targets loopback addresses")
@@ -196,14 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_smollm2().tokenizer  # the workload is cut in the served model's tokens
     workload = build_workload(a.docs, a.length, a.repeats, a.variants, a.unrelated, a.seed,
                               lambda s: len(tok(s)["input_ids"]))
-    proc, startup_s = None, None
+    proc, startup_s, config = None, None, a.config
     if a.start_server:
-        proc = start_server(a.config, Path(a.out_dir) / f"{a.name}.server.log")
+        config = a.config
+        if a.replicas or a.num_cpus or a.affinity or extra:
+            config = derived_config(a.config, Path(a.out_dir), a.replicas, a.num_cpus, a.affinity,
+                                    httpx.URL(a.url).port or 8000, extra)
+        proc = start_server(config, Path(a.out_dir) / f"{a.name}.server.log")
     try:
         startup_s = wait_healthy(a.url, 600 if a.start_server else 10)
         modes = {}
         run_id = int(time.time())
         for mode, use in (("reuse_off", False), ("reuse_on", True)):
+            if mode not in a.modes:
+                continue
             t0 = time.perf_counter()
             recs = asyncio.run(run_mode(a.url, workload, use, a.concurrency, a.new_tokens, f"load-{mode}-{run_id}",
                                         a.timeout_s))
@@ -213,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if proc is not None:
             stop_server(proc)
+            if config != a.config:
+                Path(config).unlink(missing_ok=True)
     result = {"name": a.name, "server": f"started by the benchmark, healthy after {startup_s:.0f} s" if a.start_server else a.url,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "config": {**{k: v for k, v in vars(a).items() if k not in ("out_dir",)}, "requests": len(workload)},

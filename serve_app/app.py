@@ -3,26 +3,35 @@
 ``build_app(args)`` validates the args (:class:`serve_app.settings.AppArgs`, a packaged
 preset overlaid by explicit keys) and binds::
 
-    Ingress (FastAPI, 1 replica)  ->  LLMServer (num_replicas, or autoscaling_config; num_cpus / num_gpus each)
+    Ingress (FastAPI, 1 replica)  ->  SemShareServer (num_replicas, or autoscaling_config; num_cpus / num_gpus each)
                                           -> IndexActor (named, detached, created on first use)
+
+With ``affinity`` (default) the model deployment uses the cache-affinity request router
+(:mod:`serve_app.affinity_router`).
 """
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
+from .affinity_router import CacheAffinityRouter
 from .ingress import Ingress
-from .llm_server import LLMServer
+from .llm_server import SemShareServer
 from .observability import serve_logging_config
 from .settings import AppArgs, resolve_args
 
 
 def model_deployment_options(a: AppArgs) -> dict:
-    """``LLMServer.options(...)`` for the validated args (exposed for tests and tooling)."""
+    """``SemShareServer.options(...)`` for the validated args (exposed for tests and tooling)."""
     actor_opts = {"num_cpus": a.num_cpus}
     if a.num_gpus:
         actor_opts["num_gpus"] = a.num_gpus
     opts = {"ray_actor_options": actor_opts, "max_ongoing_requests": a.max_ongoing_requests,
             "max_queued_requests": a.max_queued_requests}
+    if a.affinity:  # cache-affinity routing (serve_app/affinity_router.py)
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class=CacheAffinityRouter,
+            request_router_kwargs={"imbalanced_threshold": a.affinity_imbalance_threshold})
     if a.autoscaling_config is not None:
         opts["autoscaling_config"] = a.autoscaling_config.serve_config()
     else:
@@ -55,7 +64,7 @@ def ingress_deployment_options(a: AppArgs) -> dict:
 def build_app(args: dict | None = None) -> Application:
     a: AppArgs = resolve_args(args)
     d = a.model_dump()
-    llm = LLMServer.options(**model_deployment_options(a)).bind(d)
+    llm = SemShareServer.options(**model_deployment_options(a)).bind(d)
     return Ingress.options(**ingress_deployment_options(a)).bind(llm, d)
 
 

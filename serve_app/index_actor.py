@@ -7,9 +7,16 @@ put by a replica dies with that replica: ``OwnerDiedError``). Entry payloads are
 ``ObjectRef``s; eviction / removal drops the ref and the object store frees the bytes
 once no borrower holds it.
 
-``lookup`` returns a :class:`LookupResult` whose ``refs`` is a one-element list:
-nested refs are passed as references (the caller becomes a borrower) instead of being
-dereferenced by Ray on return.
+``lookup`` returns a :class:`LookupResult` (:class:`serve_app.protocol.Reference`)
+whose ``refs`` is a one-element list: nested refs are passed as references (the caller
+becomes a borrower) instead of being dereferenced by Ray on return.
+
+Each entry also carries metadata the serving path needs: a version ``uid`` (the key
+of replicas' hot copies; a new one whenever the stored object changes), its
+derivation ``depth`` (0: KV from a full prefill; n: reused an entry of depth n-1),
+whether it is ``exact`` (a full prefill's KV, replayable), and the replicas that hold
+a hot copy (``hot``; the request router prefers them). Lookups prefer an exact entry
+over an approximate one whose similarity is within ``prefer_exact_margin``.
 
 The actor restarts forever (``max_restarts=-1``) but comes back EMPTY: its objects
 died with it. Callers must treat an unreachable actor or a lost object as a miss.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,17 +34,20 @@ import ray
 
 from semshare_core import PackedKV, SemanticIndex
 
+from .protocol import Reference
+
 logger = logging.getLogger(__name__)
+
+# A hit: key, uid, cosine similarity, prompt length, depth, exact, hot replicas, [kv_ref].
+LookupResult = Reference
 
 
 @dataclass
-class LookupResult:
-    """A hit: the entry's key, cosine similarity, its prompt length and ``[kv_ref]``."""
-
-    key: str
-    similarity: float
-    ref_token_count: int
-    refs: list = field(default_factory=list)  # [ObjectRef(PackedKV)], nested on purpose
+class EntryMeta:
+    uid: str
+    depth: int = 0
+    exact: bool = True
+    hot: set = field(default_factory=set)
 
 
 class KVIndex:
@@ -47,17 +58,29 @@ class KVIndex:
         self.index = SemanticIndex(dim, max_items=max_items, max_bytes=max_bytes,
                                    tenant_max_items=tenant_max_items, tenant_max_bytes=tenant_max_bytes)
         self.started = time.time()
-        self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "registered": 0,
-                         "rejected": 0, "injected_faults": 0}
+        self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "reuse_errors": 0,
+                         "registered": 0, "rejected": 0, "injected_faults": 0}
         self.tenant_counters: dict[str, dict[str, int]] = {}
+        self.meta: dict[str, EntryMeta] = {}
 
     def _tc(self, tenant: str) -> dict[str, int]:
         return self.tenant_counters.setdefault(tenant, {"hits": 0, "misses": 0})
 
+    def _forget(self, entries) -> None:
+        for e in entries:
+            if e is not None:
+                self.meta.pop(e.key, None)
+
     # writes ----------------------------------------------------------------------
     def register(self, key: str, vector: np.ndarray, token_ids: np.ndarray, packed: PackedKV,
-                 tenant: str = "default") -> dict:
-        """Store ``packed`` (this actor becomes the object's owner). Returns what happened."""
+                 tenant: str = "default", depth: int = 0, exact: Optional[bool] = None,
+                 hot_replica: Optional[str] = None, uid: Optional[str] = None) -> dict:
+        """Store ``packed`` (this actor becomes the object's owner). Returns what happened.
+
+        ``depth``: derivation depth of the KV (0: full prefill); ``exact``: defaults to
+        whether it carries first-token logits (only exact exports do); ``hot_replica``:
+        the registering replica keeps a hot copy under ``uid``.
+        """
         if not isinstance(packed, PackedKV):
             raise TypeError(f"register expects a PackedKV, got {type(packed).__name__}")
         nbytes = packed.nbytes
@@ -66,26 +89,73 @@ class KVIndex:
             self.counters["rejected"] += 1
             return {"key": key, "stored": False, "reason": "larger than the byte cap", "nbytes": nbytes,
                     "evicted": []}
+        exact = (packed.last_logits is not None) if exact is None else bool(exact)
         ref = ray.put(packed)
         del packed
+        old = self.index.get(key)
         evicted = self.index.add(key, vector, token_ids, nbytes, ref, tenant=tenant)
+        self._forget(evicted)
+        if old is not None:
+            self.meta.pop(key, None)
+        uid = uid or uuid.uuid4().hex
+        self.meta[key] = EntryMeta(uid, int(depth), exact, {hot_replica} if hot_replica else set())
         self.counters["registered"] += 1
         return {"key": key, "stored": True, "nbytes": nbytes, "evicted": [e.key for e in evicted],
-                "index_bytes": self.index.nbytes}
+                "index_bytes": self.index.nbytes, "uid": uid, "depth": int(depth), "exact": exact}
+
+    def _meta(self, key: str) -> EntryMeta:
+        m = self.meta.get(key)
+        if m is None:  # an entry added without metadata (should not happen): a fresh version
+            m = self.meta[key] = EntryMeta(uuid.uuid4().hex)
+        return m
+
+    def add_hot(self, key: str, uid: str, replica: str) -> bool:
+        """``replica`` now holds a hot copy of ``key`` at version ``uid``."""
+        m = self.meta.get(key)
+        if m is None or m.uid != uid:
+            return False
+        m.hot.add(replica)
+        return True
+
+    def drop_hot(self, items: list, replica: str) -> int:
+        """``replica`` evicted its hot copies of ``[(key, uid), ...]``."""
+        n = 0
+        for key, uid in items:
+            m = self.meta.get(key)
+            if m is not None and m.uid == uid and replica in m.hot:
+                m.hot.discard(replica)
+                n += 1
+        return n
+
+    def drop_replica(self, replica: str) -> int:
+        """``replica`` is gone: it holds no hot copy any more."""
+        n = 0
+        for m in self.meta.values():
+            if replica in m.hot:
+                m.hot.discard(replica)
+                n += 1
+        return n
 
     def report_lost(self, key: str) -> bool:
         """A caller could not fetch ``key``'s object: drop the entry and count it."""
         self.counters["lost_objects"] += 1
-        return self.index.remove(key) is not None
+        return self.remove(key)
 
-    def report_bad(self, key: str, reason: str = "corrupt") -> bool:
+    def report_bad(self, key: str, reason: str = "corrupt", uid: Optional[str] = None) -> bool:
         """A caller rejected ``key``'s object (``corrupt``: malformed / truncated; ``mismatch``:
-        another model's KV): drop the entry and count it."""
-        self.counters["mismatched_objects" if reason == "mismatch" else "corrupt_objects"] += 1
-        return self.index.remove(key) is not None
+        another model's KV; ``reuse_error``: the engine failed on it; ``bad_logits``: non-finite
+        first-token logits): drop the entry and count it. With ``uid``, only that version
+        (a newer registration under the same key is kept)."""
+        if uid is not None and key in self.meta and self.meta[key].uid != uid:
+            return False
+        name = {"mismatch": "mismatched_objects", "reuse_error": "reuse_errors"}.get(reason, "corrupt_objects")
+        self.counters[name] = self.counters.get(name, 0) + 1
+        return self.remove(key)
 
     def remove(self, key: str) -> bool:
-        return self.index.remove(key) is not None
+        e = self.index.remove(key)
+        self._forget([e])
+        return e is not None
 
     def inject_fault(self, key: str, kind: str) -> bool:
         """Fault injection for tests and chaos drills: damage ``key``'s stored object in place.
@@ -93,8 +163,10 @@ class KVIndex:
         ``lose``: the entry now points at an object whose owner has died (``OwnerDiedError``
         on get); ``truncate``: a PackedKV whose array lost half its tokens (unpickling skips
         validation); ``corrupt_bytes`` / ``truncate_bytes``: the CRC-checked wire format
-        with one flipped byte / cut in half; ``foreign``: the signature of another model.
-        The entry keeps its metadata, so the next lookup still finds it.
+        with one flipped byte / cut in half; ``foreign``: the signature of another model;
+        ``nan_logits``: first-token logits with NaNs (an identical prompt would replay them).
+        The entry keeps its metadata, so the next lookup still finds it, under a new
+        version (``uid``): replicas' hot copies of the old, intact object no longer match.
         """
         e = self.index.get(key)
         if e is None:
@@ -128,6 +200,12 @@ class KVIndex:
                 else:
                     blob = blob[: len(blob) // 2]
                 e.payload = ray.put(bytes(blob))
+            elif kind == "nan_logits":
+                if packed.last_logits is None:
+                    raise ValueError("nan_logits needs an exact entry (with first-token logits)")
+                bad_logits = np.array(packed.last_logits, dtype=np.float32)
+                bad_logits[::7] = np.nan
+                e.payload = ray.put(PackedKV(packed.data, packed.dtype, packed.token_ids, packed.signature, bad_logits))
             elif kind == "foreign":
                 from dataclasses import replace
 
@@ -135,22 +213,53 @@ class KVIndex:
                                              replace(packed.signature, weights="0" * 16)))
             else:
                 raise ValueError(f"unknown fault kind {kind!r}")
+        m = self._meta(key)
+        m.uid, m.hot = uuid.uuid4().hex, set()
         self.counters["injected_faults"] += 1
         return True
 
     def clear(self, tenant: Optional[str] = None) -> int:
-        return len(self.index.clear(tenant))
+        removed = self.index.clear(tenant)
+        self._forget(removed)
+        return len(removed)
 
     # reads -----------------------------------------------------------------------
-    def lookup(self, vector: np.ndarray, tenant: str = "default", threshold: float = 0.3) -> Optional[LookupResult]:
-        """Best entry of ``tenant`` only, if its similarity >= ``threshold``."""
-        m = self.index.lookup(vector, tenant=tenant, threshold=threshold)
-        if m is None:
+    def lookup(self, vector: np.ndarray, tenant: str = "default", threshold: float = 0.3,
+               prefer_exact_margin: float = 0.0, candidates: int = 8) -> Optional[LookupResult]:
+        """Best entry of ``tenant`` only, if its similarity >= ``threshold``.
+
+        When the best is approximate (depth > 0) and an exact entry is within
+        ``prefer_exact_margin`` of its similarity, the exact one is returned instead:
+        errors must not compound along chains of reuse.
+        """
+        found = [(e, s) for e, s in self.index.search(vector, tenant, k=max(1, candidates)) if s >= threshold]
+        if not found:
+            self.index.counters["misses"] += 1
             self._tc(tenant)["misses"] += 1
             return None
+        entry, sim = found[0]
+        best = self._meta(entry.key)
+        if best.depth > 0 and prefer_exact_margin > 0:
+            for e, s in found[1:]:
+                if s < sim - prefer_exact_margin:
+                    break
+                if self._meta(e.key).depth == 0:
+                    entry, sim = e, s
+                    self.counters["preferred_exact"] = self.counters.get("preferred_exact", 0) + 1
+                    break
+        self._touch(entry)
         self._tc(tenant)["hits"] += 1
-        e = m.entry
-        return LookupResult(e.key, float(m.similarity), int(e.token_ids.shape[0]), [e.payload])
+        m = self._meta(entry.key)
+        return LookupResult(entry.key, m.uid, float(sim), int(entry.token_ids.shape[0]), m.depth, m.exact,
+                            sorted(m.hot), [entry.payload])
+
+    def _touch(self, entry) -> None:
+        """Mark ``entry`` used: LRU order and hit counters (what ``SemanticIndex.lookup`` does)."""
+        lru = getattr(self.index, "_entries", None)
+        if lru is not None and entry.key in lru:
+            lru.move_to_end(entry.key)
+        entry.hits += 1
+        self.index.counters["hits"] += 1
 
     def stats(self, tenant: Optional[str] = None) -> dict:
         s = self.index.stats()
@@ -170,8 +279,13 @@ class KVIndex:
 
     def entries(self) -> list[dict]:
         """Entry metadata (no payloads), LRU order: oldest first."""
-        return [{"key": e.key, "tenant": e.tenant, "nbytes": e.nbytes, "tokens": int(e.token_ids.shape[0]),
-                 "hits": e.hits, "created": e.created} for e in self.index.entries()]
+        out = []
+        for e in self.index.entries():
+            m = self._meta(e.key)
+            out.append({"key": e.key, "tenant": e.tenant, "nbytes": e.nbytes, "tokens": int(e.token_ids.shape[0]),
+                        "hits": e.hits, "created": e.created, "uid": m.uid, "depth": m.depth, "exact": m.exact,
+                        "hot": sorted(m.hot)})
+        return out
 
     def audit(self) -> dict:
         """Check the byte accounting against the stored objects themselves (slow; tests/ops)."""

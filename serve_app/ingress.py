@@ -39,9 +39,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import TENANT_RE, AuthConfigError, KeyRing, Principal, open_mode_principal
+from .front import Front
 from .http_edge import BodyReader, header_problem
 from .observability import IngressMetrics, access_record, log_access, outcome_of
-from .index_actor import get_or_create_index_actor
+from .protocol import ClientError
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
                       error_body)
 from .settings import AppArgs
@@ -318,7 +319,8 @@ class Ingress:
         self.model_name = self.args.served_model_name()
         self.default_threshold = self.args.semshare_config().sim_threshold
         self.created = int(time.time())
-        self._index_handle = None
+        # tokenize + fingerprint + look up once, here, before routing (serve_app/front.py)
+        self.front = Front(self.args, signature_fn=self._model_signature)
         try:
             keys = KeyRing.from_args(self.args)
         except AuthConfigError as e:  # fail the deployment, loudly, rather than serve without keys
@@ -362,15 +364,11 @@ class Ingress:
             raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists {self.model_name!r}",
                            type_="not_found_error", param="model")
 
-    async def _index(self):
-        if self._index_handle is None:
-            import asyncio
+    async def _model_signature(self) -> str:
+        return await self.llm.model_signature.remote()
 
-            a = self.args
-            self._index_handle = await asyncio.to_thread(
-                get_or_create_index_actor, a.index_name, a.index_namespace, a.semshare_config().fingerprint_dim,
-                a.index_max_items, a.index_max_bytes, a.tenant_max_items, a.tenant_max_bytes)
-        return self._index_handle
+    async def _index(self):
+        return await self.front.index.handle()
 
     async def _call_index(self, method: str, *args):
         import asyncio
@@ -379,7 +377,7 @@ class Ingress:
             handle = await self._index()
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self.args.lookup_timeout_s * 5)
         except (asyncio.TimeoutError, RayActorError) as e:
-            self._index_handle = None
+            self.front.index.reset()
             raise APIError(503, f"the cache index is unavailable ({type(e).__name__}); retry shortly",
                            type_="service_unavailable", headers=self.guard.retry_headers()) from e
 
@@ -419,15 +417,26 @@ class Ingress:
     async def _start(self, payload: dict, deadline: float):
         """Start generation; return ``(response_generator, first_event)`` or raise APIError."""
         try:
-            gen = self.llm.options(stream=True).generate.remote(payload)
-        except BackPressureError as e:
-            self.counters["overloaded"] += 1
-            raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
-                           headers=self.guard.retry_headers()) from e
-        try:
-            first = await self._next(gen, deadline)
-        except StopAsyncIteration as e:
-            raise APIError(500, "generation produced no events", type_="internal_error") from e
+            req = await self.front.prepare(payload)
+        except ClientError as e:
+            raise APIError(e.status, str(e), e.error_type, param="prompt") from None
+        for attempt in range(3):  # a replica that died before its first event: nothing was sent, retry
+            try:
+                gen = self.llm.options(stream=True).generate.remote(req)
+            except BackPressureError as e:
+                self.counters["overloaded"] += 1
+                raise APIError(503, f"server overloaded, retry later ({e})", type_="overloaded", code="queue_full",
+                               headers=self.guard.retry_headers()) from e
+            try:
+                first = await self._next(gen, deadline)
+                break
+            except StopAsyncIteration as e:
+                raise APIError(500, "generation produced no events", type_="internal_error") from e
+            except APIError as e:
+                if e.code != "replica_failed" or attempt == 2:
+                    raise
+                self.counters["replica_retries"] = self.counters.get("replica_retries", 0) + 1
+                logger.warning("replica failed before the first event (%s): retrying on another", e.message)
         if first.get("type") == "error":
             raise APIError(first.get("status", 400), first.get("message", "bad request"),
                            first.get("error_type", "invalid_request_error"), param="prompt")
@@ -478,10 +487,12 @@ class Ingress:
             usage["mapping"] = done["mapping"]
         return {**{k: done[k] for k in ("text", "used_semshare", "cache_hit", "ref_key", "retrieved_sim",
                                          "store_key", "replica", "finish_reason", "fallback")},
+                **{k: done.get(k) for k in ("cache_tier", "depth", "ref_depth")},
                 "usage": usage,
                 "timing": {"ttft_ms": round(ttft, 3), "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
                            "lookup_ms": rt["lookup_ms"], "kv_fetch_ms": rt["kv_fetch_ms"],
-                           "prefill_ms": rt["prefill_ms"]}}
+                           "prefill_ms": rt["prefill_ms"], "kv_check_ms": rt.get("kv_check_ms", 0.0),
+                           "register_wait_ms": rt.get("register_wait_ms", 0.0)}}
 
     @app.get("/v1/cache/stats")
     async def cache_stats(self, request: Request, cache_salt: Optional[str] = None):
@@ -557,7 +568,7 @@ class Ingress:
         every replica with ``check_health``), so a busy replica still counts as ready."""
         try:
             ctx = serve.get_replica_context()
-            name = getattr(self.llm, "deployment_name", None) or "LLMServer"
+            name = getattr(self.llm, "deployment_name", None) or "SemShareServer"
             st = await asyncio.wait_for(asyncio.to_thread(serve.status), self.args.ready_timeout_s * 2)
             dep = st.applications[ctx.app_name].deployments.get(name)
             if dep is None:
@@ -577,11 +588,15 @@ class Ingress:
         import ray
 
         a = self.args
+        try:  # the per-model default namespace asks a replica for the model signature once
+            namespace = await asyncio.wait_for(self.front.index.namespace(), a.ready_timeout_s * 2)
+        except Exception as e:  # noqa: BLE001 - no replica yet
+            return f"index namespace unknown: no model signature yet ({type(e).__name__})"
         try:
-            handle = await asyncio.to_thread(ray.get_actor, a.index_name, namespace=a.index_namespace)
+            handle = await asyncio.to_thread(ray.get_actor, a.index_name, namespace=namespace)
         except ValueError:
             if self._index_recreate is None or self._index_recreate.done():
-                self._index_handle = None
+                self.front.index.reset()
                 self._index_recreate = asyncio.get_running_loop().create_task(self._index())
             return "index actor not found (re-creating it)"
         try:
@@ -657,8 +672,8 @@ class Ingress:
                     "prompt_tokens_details": {"cached_tokens": u["reused_tokens"]}}
 
         def semshare(done: dict) -> dict:
-            return {k: done[k] for k in ("cache_hit", "ref_key", "retrieved_sim", "store_key", "replica",
-                                         "used_semshare", "fallback")}
+            return {k: done.get(k) for k in ("cache_hit", "cache_tier", "ref_key", "retrieved_sim", "store_key",
+                                             "replica", "used_semshare", "fallback", "depth")}
 
         if not body.stream:
             done = await self._collect(gen, first, deadline)

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from .protocol import KEY_PATTERN, TENANT_PATTERN
+
 MAX_TOKENS_HARD = 1 << 20  # anything above is nonsense whatever the config
 MAX_STOP = 16
 
@@ -55,7 +57,7 @@ class GenerateRequest(_Sampling):
 
     prompt: Text = Field(..., min_length=1)
     max_new_tokens: StrictInt = Field(128, ge=1, le=MAX_TOKENS_HARD)
-    store_key: Optional[StrictStr] = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-:/]+$")
+    store_key: Optional[StrictStr] = Field(None, min_length=1, max_length=128, pattern=KEY_PATTERN)
     stop: Stop = None
 
 
@@ -76,6 +78,8 @@ class Timing(BaseModel):
     lookup_ms: float = 0.0
     kv_fetch_ms: float = 0.0
     prefill_ms: float = 0.0
+    kv_check_ms: float = 0.0
+    register_wait_ms: float = 0.0
 
 
 class GenerateResponse(BaseModel):
@@ -88,6 +92,9 @@ class GenerateResponse(BaseModel):
     replica: str
     finish_reason: str
     fallback: Optional[str] = None
+    cache_tier: Optional[str] = None  # "hot" (replica-local) | "cold" (object store) | None
+    depth: Optional[int] = None       # derivation depth of the entry named by store_key
+    ref_depth: Optional[int] = None
     usage: Usage
     timing: Timing
 
@@ -143,7 +150,7 @@ class ClearRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     all_tenants: StrictBool = False
-    tenant: Optional[StrictStr] = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    tenant: Optional[StrictStr] = Field(None, pattern=TENANT_PATTERN)
     cache_salt: CacheSalt = Field(None, description="clear only this salt's namespace of the tenant")
 
 

@@ -80,13 +80,26 @@ class AppArgs(BaseModel):
     ingress_max_ongoing_requests: int = Field(64, ge=1)
     # index
     index_name: str = Field("semshare_index", min_length=1)
-    index_namespace: str = Field("semshare", min_length=1)
+    index_namespace: Optional[str] = Field(None, min_length=1, description="None: 'semshare-' + a digest of "
+                                           "the model signature, so different models never share an index")
     index_max_items: int = Field(1024, ge=1)
     index_max_bytes: int = Field(1 << 31, ge=1)
     tenant_max_items: Optional[int] = Field(None, ge=1)
     tenant_max_bytes: Optional[int] = Field(None, ge=1)
     lookup_timeout_s: float = Field(2.0, gt=0)
     kv_get_timeout_s: float = Field(10.0, gt=0)
+    # reuse path (serve_app/reuse.py, hot_tier.py, affinity_router.py)
+    hot_tier_bytes: Optional[int] = Field(None, ge=0, description="replica-local hot KV tier (LRU by bytes); "
+                                          "None: 20% of accelerator memory, or 5% of RAM up to 1 GiB on CPU")
+    affinity: bool = Field(True, description="route a request to the replica holding its reference hot")
+    affinity_imbalance_threshold: int = Field(2, ge=0, description="leave the hot replica when its queue "
+                                              "exceeds the least-loaded replica's by more than this")
+    register_timeout_s: float = Field(10.0, gt=0, description="registration is awaited before the final event")
+    max_reuse_depth: int = Field(2, ge=0, description="entries derived from approximate KV at most this deep")
+    depth_cap_policy: Literal["skip", "refresh"] = Field("skip", description="past max_reuse_depth: do not "
+                                                         "register, or register an exact prefill instead")
+    prefer_exact_margin: float = Field(0.02, ge=0, le=1, description="an exact entry this close in similarity "
+                                       "beats an approximate one")
     # method
     sim_threshold: Optional[float] = Field(None, ge=-1.0, le=1.0,
                                            description="default retrieval threshold; None: semshare config's")

@@ -36,3 +36,29 @@ def test_percentiles_and_summary():
                    "config": {"concurrency": 2, "requests": 3, "docs": 1, "length": 10, "repeats": 1,
                               "variants": 0, "unrelated": 0, "new_tokens": 1}})
     assert "| reuse_on | 2 / 3 |" in md
+
+
+def test_hit_tiers_and_combined_table(tmp_path):
+    import json
+
+    from benchmarks.load import combine, derived_config
+
+    recs = [{"i": i, "kind": "similar", "status": 200, "latency_ms": 9.0, "ttft_ms": float(t), "cache_hit": tier is not None,
+             "prompt_tokens": 10, "reused_tokens": 5 if tier else 0, "replica": f"r{i % 2}", "cache_tier": tier}
+            for i, (t, tier) in enumerate([(10, "hot"), (20, "hot"), (30, "cold"), (40, None), (50, "hot")])]
+    s = summarize(recs, 1.0)
+    assert s["hits"] == 4 and s["hot_hits"] == 3 and s["hot_hit_share"] == 0.75
+    assert s["hit_ttft_min_ms"] == 10.0 and s["hit_ttft_max_ms"] == 50.0 and s["cold_hit_ttft_p50_ms"] == 30.0
+    assert s["replicas_seen"] == 2
+    res = {"name": "r2-on", "config": {"replicas": 2, "affinity": "on"}, "modes": {"reuse_on": s}}
+    (tmp_path / "a.json").write_text(json.dumps(res))
+    table = combine([str(tmp_path / "a.json")])
+    assert "| r2-on | 2 | on | 5 / 5 | 0.80 | 0.75 |" in table
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("http_options: {port: 8000}\napplications:\n  - name: x\n    args: {preset: smollm2-135m}\n")
+    import yaml
+
+    doc = yaml.safe_load(open(derived_config(str(cfg), tmp_path, 2, 0.9, "off", 8123)))
+    assert doc["http_options"]["port"] == 8123
+    assert doc["applications"][0]["args"] == {"preset": "smollm2-135m", "num_replicas": 2, "num_cpus": 0.9,
+                                              "affinity": False}

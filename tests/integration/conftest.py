@@ -54,6 +54,11 @@ class Server:
 
         return ray.get_actor(INDEX_NAME, namespace=INDEX_NS)
 
+    def index_actor_entries(self) -> list:
+        import ray
+
+        return ray.get(self.index_actor().entries.remote(), timeout=30)
+
     def index_stats(self) -> dict:
         """All tenants' stats, from the actor (open mode has no admin over HTTP)."""
         import ray

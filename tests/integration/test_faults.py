@@ -44,11 +44,12 @@ def wait_key(server, key: str, present: bool = True, timeout: float = 30) -> Non
     ("corrupt_bytes", "kv_corrupt", "corrupt_objects"),
     ("truncate_bytes", "kv_corrupt", "corrupt_objects"),
     ("foreign", "kv_mismatch", "mismatched_objects"),
+    ("nan_logits", "kv_corrupt", "corrupt_objects"),
 ])
 def test_damaged_reference_is_a_full_prefill(server, kind, reason, counter):
     import ray
 
-    i = ["lose", "truncate", "corrupt_bytes", "truncate_bytes", "foreign"].index(kind)
+    i = ["lose", "truncate", "corrupt_bytes", "truncate_bytes", "foreign", "nan_logits"].index(kind)
     p = text(i)
     key = f"fault-{kind}"
     first = gen(server, p, store_key=key)

@@ -229,7 +229,7 @@ def test_replica_killed_mid_stream(hardened):
         assert any(line.startswith("data: ") for line in got)
         bg = threading.Thread(target=background, daemon=True)
         bg.start()
-        victim = ray.get_actor(f"SERVE_REPLICA::hardened#LLMServer#{replica}", namespace="serve")
+        victim = ray.get_actor(f"SERVE_REPLICA::hardened#SemShareServer#{replica}", namespace="serve")
         ray.kill(victim, no_restart=True)
         rest = "\n".join(got) + "\n" + "\n".join(it)
     elapsed = time.time() - t0

@@ -1,4 +1,4 @@
-"""The Ray Serve app end to end (tiny-random preset, 2 LLMServer replicas, one index).
+"""The Ray Serve app end to end (tiny-random preset, 2 SemShareServer replicas, one index).
 
 Tests that kill things (a replica, the index actor) are at the end of the file and
 leave the app serving again before they return.
@@ -88,23 +88,25 @@ def test_edited_variant_hits_unrelated_misses(server):
     assert strict["cache_hit"] is False
 
 
-def test_reuse_across_replicas(server):
+def test_variant_is_routed_to_the_replica_holding_it_hot(server):
+    """Cache affinity: the replica that registered a prompt holds its KV hot; the router
+    sends the prompt's variants (and repeats) there, and they are hot hits. (Reuse on the
+    other replica, cold from the object store, is in test_affinity.py.)"""
     p = passage(2)
     first = server.gen(p, temperature=0, max_new_tokens=4, store_key="xrep")
     owner = first["replica"]
-    server.wait_entries(1)
-    seen = {owner}
-    for _ in range(40):
-        r = server.gen(p, temperature=0, max_new_tokens=4)
-        seen.add(r["replica"])
-        assert r["cache_hit"] is True and r["ref_key"] == "xrep", r
-        if r["replica"] != owner:
-            assert r["usage"]["reused_tokens"] > 0
-            assert r["text"] == first["text"]
-            break
-    else:
-        pytest.fail(f"every request went to replica {owner}")
-    assert len(seen) == 2
+    assert first["cache_tier"] is None and first["depth"] == 0
+    entry = next(e for e in server.index_actor_entries() if e["key"] == "default:xrep")
+    assert entry["hot"] == [owner] and entry["depth"] == 0 and entry["exact"] is True
+    keys = {"xrep"}  # a variant registers too (and may be the next variant's best match)
+    for i in range(6):
+        r = server.gen(edited(p, 0.1 + 0.02 * i) if i % 2 else p, temperature=0, max_new_tokens=4)
+        assert r["replica"] == owner and r["cache_hit"] is True and r["ref_key"] in keys, (r, keys)
+        assert r["cache_tier"] == "hot" and r["timing"]["kv_fetch_ms"] == 0.0, r
+        if i % 2 == 0:
+            assert r["ref_key"] == "xrep" and r["text"] == first["text"]
+        if r["store_key"]:
+            keys.add(r["store_key"])
 
 
 def test_tenants_are_isolated(server):
@@ -373,7 +375,7 @@ def test_killing_the_registering_replica_keeps_the_entry(server):
     while "survivor" not in [e["key"].split(":", 1)[1] for e in ray.get(server.index_actor().entries.remote())]:
         assert time.time() < deadline
         time.sleep(0.2)
-    victim = ray.get_actor(f"SERVE_REPLICA::semshare#LLMServer#{first['replica']}", namespace="serve")
+    victim = ray.get_actor(f"SERVE_REPLICA::semshare#SemShareServer#{first['replica']}", namespace="serve")
     ray.kill(victim, no_restart=True)
     for _ in range(40):
         r = _gen_retrying(server, p, temperature=0, max_new_tokens=4)

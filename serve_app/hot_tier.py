@@ -1,0 +1,132 @@
+"""Replica-local hot tier: reference KV held ready for the engine.
+
+An LRU, bounded by bytes, of index entries this replica registered or fetched. Each
+holds the checked :class:`~semshare_core.PackedKV` (token ids, signature, first-token
+logits) and its KV as a tensor on the engine's device, ``[L, 2, H, n, D]``, passed to
+``engine.prefill(..., reference_kv=)``. A hot hit skips the object-store get, the
+validation and the conversion.
+
+On the CPU the tensor is a view of the packed array (no second copy); on an
+accelerator it is a device copy (the host array is kept too: the engine reads token
+ids, logits and shapes from it, and it is what a replica would re-register).
+
+Keys are entry *versions* (``uid``), not index keys: an entry overwritten under the
+same key, or damaged at rest, gets a new uid, so a stale hot copy is never used.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from semshare_core import PackedKV
+
+
+@dataclass
+class HotEntry:
+    uid: str
+    key: str          # index key (tenant:key), to report evictions
+    packed: PackedKV
+    kv: torch.Tensor  # on the engine device
+    nbytes: int
+    depth: int
+    exact: bool
+    hits: int = 0
+
+
+def default_hot_bytes(device: torch.device | str) -> int:
+    """Per device: 20% of the accelerator's memory; on the CPU 5% of RAM, at most 1 GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(total * 0.2)
+    try:
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return int(min(1 << 30, ram * 0.05))
+
+
+def device_kv(packed: PackedKV, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``packed``'s KV on ``device`` (a view on the CPU when the dtype matches)."""
+    return packed.to_torch(device, dtype)
+
+
+class HotTier:
+    """Thread-safe LRU by bytes. ``on_evict(entries)`` is called outside the lock."""
+
+    def __init__(self, max_bytes: int, on_evict: Optional[Callable[[list[HotEntry]], None]] = None):
+        self.max_bytes = int(max_bytes)
+        self.on_evict = on_evict
+        self._entries: OrderedDict[str, HotEntry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.counters = {"hits": 0, "misses": 0, "inserts": 0, "evictions": 0, "rejected": 0, "dropped": 0}
+
+    def get(self, uid: str) -> Optional[HotEntry]:
+        with self._lock:
+            e = self._entries.get(uid)
+            if e is None:
+                self.counters["misses"] += 1
+                return None
+            self._entries.move_to_end(uid)
+            e.hits += 1
+            self.counters["hits"] += 1
+            return e
+
+    def __contains__(self, uid: str) -> bool:
+        with self._lock:
+            return uid in self._entries
+
+    def put(self, entry: HotEntry) -> bool:
+        """Insert (or refresh) ``entry``; False when it alone exceeds the cap."""
+        if entry.nbytes > self.max_bytes:
+            self.counters["rejected"] += 1
+            return False
+        evicted = []
+        with self._lock:
+            old = self._entries.pop(entry.uid, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            while self._entries and self._bytes + entry.nbytes > self.max_bytes:
+                _, e = self._entries.popitem(last=False)
+                self._bytes -= e.nbytes
+                evicted.append(e)
+            self._entries[entry.uid] = entry
+            self._bytes += entry.nbytes
+            self.counters["inserts"] += 1
+            self.counters["evictions"] += len(evicted)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
+        return True
+
+    def drop(self, uid: str) -> Optional[HotEntry]:
+        with self._lock:
+            e = self._entries.pop(uid, None)
+            if e is not None:
+                self._bytes -= e.nbytes
+                self.counters["dropped"] += 1
+            return e
+
+    def drop_key(self, key: str) -> list[HotEntry]:
+        """Drop every version of index key ``key`` (a bad entry)."""
+        with self._lock:
+            uids = [u for u, e in self._entries.items() if e.key == key]
+        return [e for e in (self.drop(u) for u in uids) if e is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
+                    **self.counters}

@@ -1,0 +1,342 @@
+"""The reuse path: lookup -> fetch -> check -> hot tier -> prefill -> register.
+
+* :class:`IndexClient`: the named index actor, resolved lazily, every call bounded by a
+  timeout; an unreachable or slow index is a miss, never a failed request.
+* :class:`ReusePath` (one per replica): given the index's answer (a
+  :class:`~serve_app.protocol.Reference`, looked up by the ingress), get the reference
+  KV ready for the engine:
+
+  - **hot**: the replica-local tier (:mod:`serve_app.hot_tier`) holds it, converted
+    and on the engine device: no object-store get, no validation, no conversion;
+  - **cold**: ``await ref`` (object store, zero-copy on the same node), check it
+    (:func:`serve_app.kvcheck.load_reference`), convert it to the device and keep it
+    hot (the index learns this replica holds it: the router will prefer it).
+
+  A lost / corrupt / foreign object, or an engine failure on it, is a full prefill,
+  and the entry is reported to the index (dropped there, and from the hot tier), so
+  later requests stop fetching it.
+
+  Registration (:meth:`ReusePath.register`) starts right after the prefill, in a worker
+  thread, while decoding runs; the replica awaits it before its final event, so a
+  ``store_key`` named in a response can be found by the next lookup (read-your-writes).
+  The exported KV goes into the hot tier as is (on the CPU the device tensor is a view
+  of it); the index actor ``ray.put``s it once (it must own the object so that entries
+  outlive the replica; Ray >= 2.56 has no ``ray.put(_owner=)`` to skip that copy).
+
+  Derivation depth: an entry is 0 when its KV is a full prefill's, else its
+  reference's depth + 1. Past ``max_reuse_depth`` the approximate KV is not
+  registered; with ``depth_cap_policy="refresh"`` (or an explicit ``store_key``) an
+  exact prefill is registered instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+
+from semshare_core import KVFormatError, KVMismatchError
+
+from .hot_tier import HotEntry, HotTier, default_hot_bytes, device_kv
+from .index_actor import get_or_create_index_actor
+from .kvcheck import load_reference
+from .protocol import Reference
+from .settings import AppArgs
+
+logger = logging.getLogger("ray.serve")
+
+
+def signature_digest(signature) -> str:
+    """Short digest of a :class:`~semshare_core.kv.ModelSignature` (all its fields)."""
+    blob = json.dumps(dataclasses.asdict(signature), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def index_namespace(args: AppArgs, digest: str) -> str:
+    """The configured namespace, or by default one per model signature."""
+    return args.index_namespace or f"semshare-{digest}"
+
+
+class IndexClient:
+    """Lazily resolved handle to the index actor, with bounded calls.
+
+    ``namespace``: the index's Ray namespace, or an async callable giving it (the ingress
+    asks a replica for the model signature once).
+    """
+
+    def __init__(self, args: AppArgs, dim: int, namespace=None):
+        self.args, self.dim = args, dim
+        self._namespace = namespace if namespace is not None else args.index_namespace
+        self._handle = None
+
+    async def namespace(self) -> str:
+        if not isinstance(self._namespace, str):
+            self._namespace = await self._namespace()
+        return self._namespace
+
+    def _resolve(self, namespace: Optional[str] = None):
+        a = self.args
+        return get_or_create_index_actor(a.index_name, namespace or self._namespace, self.dim, a.index_max_items,
+                                         a.index_max_bytes, a.tenant_max_items, a.tenant_max_bytes)
+
+    def resolve_now(self):
+        """Synchronous (start-up): create / resolve the actor so the first request does not wait."""
+        self._handle = self._resolve()
+        return self._handle
+
+    async def handle(self):
+        if self._handle is None:
+            ns = await self.namespace()
+            self._handle = await asyncio.to_thread(self._resolve, ns)
+        return self._handle
+
+    def reset(self) -> None:
+        self._handle = None
+
+    async def call(self, method: str, *args, timeout: Optional[float] = None, **kw) -> Any:
+        """Raises on failure (callers decide). A dead actor (this handle's actor was killed for
+        good; someone may have re-created it under the name) is re-resolved and retried once."""
+        for attempt in (0, 1):
+            try:
+                h = await self.handle()
+                return await asyncio.wait_for(getattr(h, method).remote(*args, **kw),
+                                              timeout or self.args.lookup_timeout_s * 5)
+            except RayActorError:
+                self.reset()
+                if attempt:
+                    raise
+
+    async def lookup(self, vec: np.ndarray, tenant: str, threshold: float) -> tuple[Optional[Reference], Optional[str]]:
+        """``(Reference | None, fallback_reason | None)``; never raises."""
+        try:
+            res = await self.call("lookup", vec, tenant, threshold, self.args.prefer_exact_margin,
+                                  timeout=self.args.lookup_timeout_s)
+            return res, None
+        except (asyncio.TimeoutError, GetTimeoutError):
+            logger.warning("index lookup timed out after %.1fs: full prefill", self.args.lookup_timeout_s)
+            return None, "index_unavailable"
+        except RayActorError as e:
+            logger.warning("index actor unavailable (%s): full prefill", type(e).__name__)
+            return None, "index_unavailable"
+        except Exception:  # noqa: BLE001 - the cache is an optimisation, never a failure
+            logger.exception("index lookup failed: full prefill")
+            self.reset()
+            return None, "index_unavailable"
+
+
+@dataclass
+class Ready:
+    """A reference ready for ``engine.prefill``."""
+
+    ref: Reference
+    packed: Any               # checked PackedKV
+    kv: torch.Tensor          # on the engine device
+    tier: str                 # "hot" | "cold"
+    fetch_ms: float = 0.0     # object-store get
+    check_ms: float = 0.0     # validation
+    convert_ms: float = 0.0   # to the device
+
+
+class ReusePath:
+    """One replica's side of reuse (see module docstring). ``count(reason)`` records fallbacks."""
+
+    def __init__(self, engine, args: AppArgs, replica: str, index: IndexClient, count=None):
+        self.engine, self.args, self.replica, self.index = engine, args, replica, index
+        self.count = count or (lambda reason: None)
+        cap = args.hot_tier_bytes if args.hot_tier_bytes is not None else default_hot_bytes(engine.device)
+        self.hot = HotTier(cap, on_evict=self._on_evict)
+        self._pending: set[asyncio.Task] = set()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.counters = {"hot_hits": 0, "cold_hits": 0, "registered": 0, "register_errors": 0,
+                         "not_registered_depth": 0, "refreshed_exact": 0}
+        self.register_ms: list[float] = []  # recent registration times (bounded)
+
+    # background tasks ------------------------------------------------------------
+    def spawn(self, coro) -> asyncio.Task:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        task = loop.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    @property
+    def pending(self) -> set:
+        return self._pending
+
+    def _on_evict(self, entries: list[HotEntry]) -> None:
+        """Hot copies left this replica: tell the index (the router stops preferring us)."""
+        items = [(e.key, e.uid) for e in entries]
+        loop = self._loop
+        if loop is None or not items:
+            return
+
+        def go():
+            self.spawn(self._call_quiet("drop_hot", items, self.replica))
+        try:
+            if asyncio.get_running_loop() is loop:
+                go()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(go)
+
+    async def _call_quiet(self, method: str, *args) -> None:
+        try:
+            await self.index.call(method, *args)
+        except Exception as e:  # noqa: BLE001 - advisory
+            logger.info("index %s failed: %s: %s", method, type(e).__name__, e)
+
+    async def report_bad(self, ref: Reference, reason: str) -> None:
+        """Drop a bad entry everywhere: here (hot tier) and in the index (counted there)."""
+        self.hot.drop_key(ref.key)
+        try:
+            if reason == "lost":
+                await self.index.call("report_lost", ref.key)
+            else:
+                await self.index.call("report_bad", ref.key, reason, ref.uid)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("could not report %s entry %s: %s", reason, ref.key, e)
+
+    # fetch -------------------------------------------------------------------------
+    async def acquire(self, ref: Reference) -> tuple[Optional[Ready], Optional[str]]:
+        """``(Ready | None, fallback_reason | None)``; never raises."""
+        e = self.hot.get(ref.uid)
+        if e is not None:
+            self.counters["hot_hits"] += 1
+            return Ready(ref, e.packed, e.kv, "hot"), None
+        if not ref.refs:
+            return None, self.count("lost_objects")
+        t0 = time.perf_counter()
+        try:
+            obj = await asyncio.wait_for(ref.refs[0], self.args.kv_get_timeout_s)
+        except (ObjectLostError, asyncio.TimeoutError, GetTimeoutError) as ex:
+            logger.warning("reference KV %s unavailable (%s): full prefill", ref.key, type(ex).__name__)
+            self.spawn(self.report_bad(ref, "lost"))
+            return None, self.count("lost_objects")
+        except RayActorError as ex:
+            logger.warning("reference KV %s owner unavailable (%s): full prefill", ref.key, type(ex).__name__)
+            return None, self.count("lost_objects")
+        except Exception as ex:  # noqa: BLE001 - e.g. an object that cannot be deserialised
+            logger.warning("reference KV %s unreadable (%s): full prefill", ref.key, type(ex).__name__)
+            self.spawn(self.report_bad(ref, "corrupt"))
+            return None, self.count("kv_corrupt")
+        t1 = time.perf_counter()
+        try:
+            packed = await asyncio.to_thread(load_reference, obj, self.engine.signature, ref.ref_token_count)
+        except KVMismatchError as ex:
+            logger.warning("reference %s is from another model (%s): full prefill", ref.key, ex)
+            self.spawn(self.report_bad(ref, "mismatch"))
+            return None, self.count("kv_mismatch")
+        except Exception as ex:  # noqa: BLE001 - KVFormatError and anything odd: never trust it
+            logger.warning("reference %s rejected (%s: %s): full prefill", ref.key, type(ex).__name__, ex)
+            self.spawn(self.report_bad(ref, "bad_logits" if "logits" in str(ex) else "corrupt"))
+            return None, self.count("kv_corrupt")
+        finally:
+            del obj
+        t2 = time.perf_counter()
+        kv = await asyncio.to_thread(device_kv, packed, self.engine.device, self.engine.dtype)
+        t3 = time.perf_counter()
+        self.counters["cold_hits"] += 1
+        ready = Ready(ref, packed, kv, "cold", (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        if self._keep_hot(ref.key, ref.uid, packed, kv, ref.depth, ref.exact):
+            self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica))
+        return ready, None
+
+    def _keep_hot(self, key: str, uid: str, packed, kv: torch.Tensor, depth: int, exact: bool) -> bool:
+        nbytes = packed.nbytes if kv.device.type == "cpu" else kv.numel() * kv.element_size()
+        return self.hot.put(HotEntry(uid, key, packed, kv, int(nbytes), int(depth), bool(exact)))
+
+    # prefill -------------------------------------------------------------------------
+    async def prefill(self, ids: np.ndarray, ready: Optional[Ready]):
+        """``(PrefillResult, fallback_reason | None)``: a failing reuse is a full prefill."""
+        if ready is None:
+            return await asyncio.to_thread(self.engine.prefill, ids, None), None
+        try:
+            pre = await asyncio.to_thread(self.engine.prefill, ids, ready.packed, None, ready.kv)
+            return pre, None
+        except (KVMismatchError, KVFormatError) as e:
+            mismatch = isinstance(e, KVMismatchError)
+            logger.warning("reference %s does not fit this model (%s): full prefill", ready.ref.key, e)
+            self.spawn(self.report_bad(ready.ref, "mismatch" if mismatch else "corrupt"))
+            reason = self.count("kv_mismatch" if mismatch else "kv_corrupt")
+        except Exception as e:  # noqa: BLE001 - the reuse path must never fail a request
+            logger.exception("reuse prefill with %s failed (%s): full prefill", ready.ref.key, type(e).__name__)
+            self.spawn(self.report_bad(ready.ref, "reuse_error"))
+            reason = self.count("reuse_error")
+        return await asyncio.to_thread(self.engine.prefill, ids, None), reason
+
+    # register ------------------------------------------------------------------------
+    def plan_depth(self, pre, ref: Optional[Reference]) -> tuple[int, bool]:
+        """``(depth, refresh)``: the depth the prompt's KV would have; whether to register an
+        exact prefill instead (past the cap)."""
+        if pre.exact or ref is None:
+            return 0, False
+        return ref.depth + 1, ref.depth + 1 > self.args.max_reuse_depth
+
+    def start_export(self, pre) -> asyncio.Task:
+        """Export the prefill's KV (and its device copy) in a worker thread, now: call right
+        after the prefill, and let it finish before the next decode step mutates the cache."""
+        def work():
+            packed = self.engine.export_kv(pre)
+            return packed, self._device_copy(pre, packed), bool(pre.exact)
+        return self.spawn(asyncio.to_thread(work))
+
+    async def register(self, key: str, vec: np.ndarray, ids: np.ndarray, tenant: str, depth: int,
+                       export: asyncio.Task) -> dict:
+        """Keep the exported KV hot and register it with the index. Never raises."""
+        t0 = time.perf_counter()
+        try:
+            packed, kv, exact = await export
+            t1 = time.perf_counter()
+            uid = uuid.uuid4().hex
+            depth = 0 if exact else depth
+            self._keep_hot(key, uid, packed, kv, depth, exact)
+            out = await self.index.call("register", key, vec, ids, packed, tenant, depth, exact, self.replica, uid,
+                                        timeout=self.args.register_timeout_s)
+            del packed
+            ms = (time.perf_counter() - t0) * 1e3
+            self.register_ms = (self.register_ms + [ms])[-256:]
+            if out.get("stored"):
+                self.counters["registered"] += 1
+            else:
+                self.hot.drop(uid)
+                logger.info("entry %s not stored: %s", key, out.get("reason"))
+            return {**out, "register_ms": round(ms, 3), "export_wait_ms": round((t1 - t0) * 1e3, 3)}
+        except Exception as e:  # noqa: BLE001 - never fails the request, never silent
+            self.counters["register_errors"] += 1
+            if isinstance(e, RayActorError):
+                self.index.reset()
+            logger.warning("registering %s failed: %s: %s", key, type(e).__name__, e)
+            return {"key": key, "stored": False, "reason": f"{type(e).__name__}",
+                    "register_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+
+    async def register_exact(self, key: str, vec: np.ndarray, ids: np.ndarray, tenant: str) -> dict:
+        """Past the depth cap: a full prefill's KV is registered instead (depth 0)."""
+        self.counters["refreshed_exact"] += 1
+        pre = await asyncio.to_thread(self.engine.prefill, ids, None)
+        return await self.register(key, vec, ids, tenant, 0, self.start_export(pre))
+
+    def _device_copy(self, pre, packed) -> torch.Tensor:
+        """The KV on the engine device: a view of the export on the CPU; on an accelerator
+        stacked from the prefill's own device tensors (no host-to-device copy)."""
+        dev = self.engine.device
+        if dev.type == "cpu":
+            return device_kv(packed, dev, self.engine.dtype)
+        with torch.inference_mode():
+            return torch.stack([torch.stack([k[0], v[0]]) for k, v in zip(pre.keys, pre.values)]).to(
+                dtype=self.engine.dtype)
+
+    def stats(self) -> dict:
+        ms = sorted(self.register_ms)
+        return {**self.counters, "hot": self.hot.stats(), "pending": len(self._pending),
+                "register_ms_p50": ms[len(ms) // 2] if ms else None}

@@ -1,0 +1,102 @@
+"""The cache-affinity router's choice, on fake replicas (no Ray cluster needed)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+
+@dataclass(frozen=True)
+class FakeID:
+    unique_id: str
+
+
+@dataclass(eq=False)
+class FakeReplica:
+    name: str
+    max_ongoing_requests: int = 4
+    replica_id: FakeID = field(init=False)
+
+    def __post_init__(self):
+        self.replica_id = FakeID(self.name)
+
+
+def make_router(queues: dict[str, int], threshold: int = 1):
+    from serve_app.affinity_router import CacheAffinityRouter
+
+    r = object.__new__(CacheAffinityRouter)
+    r._use_replica_queue_len_cache = True
+    r._replica_queue_len_cache = SimpleNamespace(get=lambda rid: queues.get(rid.unique_id))
+
+    async def probe(replicas, backoff):  # replicas missing from the cache: unknown
+        return [(x, None) for x in replicas]
+    r._probe_queue_lens = probe
+    r.initialize_state(imbalanced_threshold=threshold)
+    return r
+
+
+def request(hot: list[str]):
+    return SimpleNamespace(args=[SimpleNamespace(hot_replicas=hot)], metadata=SimpleNamespace(multiplexed_model_id=""))
+
+
+def choose(router, replicas, hot):
+    return asyncio.run(router.choose_replicas(replicas, request(hot)))
+
+
+def names(ranks):
+    return [[r.name for r in rank] for rank in ranks]
+
+
+def test_prefers_the_hot_holder_while_balanced():
+    reps = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
+    r = make_router({"a": 1, "b": 0, "c": 0}, threshold=1)
+    assert names(choose(r, reps, ["a"])) == [["a"], ["b", "c"]]
+    assert r.affinity_counters["hot_routed"] == 1
+
+
+def test_backs_off_when_the_holder_queue_exceeds_the_least_loaded_by_more_than_the_threshold():
+    reps = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
+    r = make_router({"a": 3, "b": 1, "c": 2}, threshold=1)
+    ranks = names(choose(r, reps, ["a"]))
+    assert ranks[0] == ["b", "c"] and ranks[-1] == ["a"]  # elsewhere first (least loaded picked by Serve)
+    assert r.affinity_counters["hot_backoff"] == 1
+    r = make_router({"a": 2, "b": 1, "c": 2}, threshold=1)  # exactly at the threshold: still the holder
+    assert names(choose(r, reps, ["a"]))[0] == ["a"]
+
+
+def test_full_or_unknown_holder_is_left_and_dead_holders_ignored(monkeypatch):
+    reps = [FakeReplica("a", max_ongoing_requests=2), FakeReplica("b")]
+    r = make_router({"a": 2, "b": 2}, threshold=5)
+    assert names(choose(r, reps, ["a"]))[0] == ["b"]  # a is full
+    r = make_router({"b": 0}, threshold=5)
+    assert names(choose(r, reps, ["a"]))[0] == ["b"]  # a's queue unknown (probe failed)
+    from serve_app import affinity_router
+
+    called = []
+
+    async def pow2(self, candidate_replicas, pending_request):
+        called.append(pending_request)
+        return [candidate_replicas[:1]]
+    monkeypatch.setattr(affinity_router.PowerOfTwoChoicesRequestRouter, "choose_replicas", pow2)
+    r = make_router({"a": 0, "b": 0})
+    assert names(choose(r, reps, ["gone"])) == [["a"]] and len(called) == 1  # holder not among replicas
+    assert r.affinity_counters["hot_unavailable"] == 1
+    assert names(choose(r, reps, [])) == [["a"]] and r.affinity_counters["no_hot"] == 1
+    r.initialize_state(affinity=False)
+    assert names(choose(r, reps, ["a"])) == [["a"]] and len(called) == 3
+
+
+def test_two_holders_least_loaded_first():
+    reps = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
+    r = make_router({"a": 2, "b": 1, "c": 1}, threshold=1)
+    assert names(choose(r, reps, ["a", "b"])) == [["b", "a"], ["c"]]
+
+
+@pytest.mark.parametrize("args", [[], [object()], [SimpleNamespace(hot_replicas="a")]])
+def test_requests_without_hot_info(args):
+    from serve_app.affinity_router import hot_replicas_of
+
+    assert hot_replicas_of(SimpleNamespace(args=args)) == []
+    assert hot_replicas_of(None) == []

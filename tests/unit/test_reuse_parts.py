@@ -1,0 +1,100 @@
+"""Pieces of the serving reuse path that need no Ray: the ingress codec agrees with the
+engine, the hot tier is an LRU by bytes, the protocol checks requests."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from semshare_core import SemShareEngine
+from semshare_core.models import corpus_text, tiny_random, train_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    lm = tiny_random("llama")
+    return SemShareEngine(lm.model, lm.tokenizer)
+
+
+def test_ingress_codec_matches_the_engine(engine):
+    from serve_app.front import PromptCodec, tokenizer_digest
+
+    codec = PromptCodec(train_tiny_tokenizer(512), engine.config)  # trained again: as on the ingress
+    assert codec.digest == tokenizer_digest(engine.tokenizer)
+    text = " ".join(corpus_text()[3000:4200].split())
+    ids = codec.encode(text)
+    assert np.array_equal(ids, engine.encode(text))
+    assert np.array_equal(codec.fingerprint(ids), engine.fingerprint(ids))
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text[:300]}]
+    assert np.array_equal(codec.encode_chat(msgs), engine.encode_chat(msgs))
+    from serve_app.protocol import ClientError
+
+    with pytest.raises(ClientError) as e:
+        codec.tokenize(text, None, 10)
+    assert e.value.error_type == "context_length_exceeded"
+
+
+def _entry(uid: str, nbytes: int, key: str = "t:k"):
+    from serve_app.hot_tier import HotEntry
+
+    return HotEntry(uid, key, None, torch.zeros(1), nbytes, 0, True)
+
+
+def test_hot_tier_is_an_lru_by_bytes():
+    from serve_app.hot_tier import HotTier
+
+    gone = []
+    t = HotTier(100, on_evict=lambda es: gone.extend(e.uid for e in es))
+    assert t.put(_entry("a", 40)) and t.put(_entry("b", 40))
+    assert t.get("a") is not None  # a is now the most recent
+    assert t.put(_entry("c", 40))
+    assert gone == ["b"] and t.nbytes == 80 and "b" not in t and "a" in t and "c" in t
+    assert not t.put(_entry("huge", 101)) and t.counters["rejected"] == 1
+    assert t.get("b") is None and t.counters["misses"] == 1
+    t.put(_entry("d", 10, key="t:other"))
+    assert [e.uid for e in t.drop_key("t:k")] and t.nbytes == 10 and len(t) == 1
+
+
+def test_default_hot_bytes_is_bounded():
+    from serve_app.hot_tier import default_hot_bytes
+
+    n = default_hot_bytes("cpu")
+    assert 0 < n <= 1 << 30
+
+
+def test_replica_request_checks():
+    from serve_app.protocol import ClientError, ReplicaRequest, Sampling
+
+    s = Sampling(4, 0.0, 1.0)
+    ok = ReplicaRequest("t", s, ids=np.arange(5, dtype=np.int64))
+    ok.check(10, 512)
+    for bad, status in [(ReplicaRequest("a b", s, ids=np.arange(5)), 400),
+                        (ReplicaRequest("t", s, store_key="has space", ids=np.arange(5)), 400),
+                        (ReplicaRequest("t", s, ids=np.arange(20, dtype=np.int64)), 400),
+                        (ReplicaRequest("t", s, ids=np.arange(5, dtype=np.int32)), 500),
+                        (ReplicaRequest("t", s, ids=np.array([1, 9999], dtype=np.int64)), 500),
+                        (ReplicaRequest("t", s), 400)]:
+        with pytest.raises(ClientError) as e:
+            bad.check(10, 512)
+        assert e.value.status == status
+    assert Sampling(4, 1e-9, 0.0).normalized().temperature == 0.0
+
+
+def test_reference_check_rejects_any_non_finite_value_and_bad_logits(engine):
+    from semshare_core import KVFormatError, PackedKV
+    from serve_app.kvcheck import load_reference
+
+    ids = engine.encode(" ".join(corpus_text()[9000:9400].split()))
+    good = engine.export_kv(engine.prefill(ids))
+    assert good.last_logits is not None
+    load_reference(good, engine.signature, ids.size)
+    for vals in ([np.nan], [np.inf], [np.inf, -np.inf], [-np.inf]):
+        data = good.data.copy()
+        for j, v in enumerate(vals):
+            data[1 + j, 1, 0, 3 + j, 2] = v
+        with pytest.raises(KVFormatError):
+            load_reference(PackedKV(data, good.dtype, good.token_ids, good.signature), engine.signature)
+    logits = good.last_logits.copy()
+    logits[5] = np.nan
+    with pytest.raises(KVFormatError, match="logits"):
+        load_reference(PackedKV(good.data, good.dtype, good.token_ids, good.signature, logits), engine.signature)
