@@ -73,6 +73,9 @@ async def run_mode(url: str, workload: list[dict], use_semshare: bool, concurren
     for i, item in enumerate(workload):
         queue.put_nowait((i, item))
     records: list[dict] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(workload), desc=tenant, unit="req", file=sys.stderr, disable=not sys.stderr.isatty())
 
     async def client(c: httpx.AsyncClient) -> None:
         while True:
@@ -95,9 +98,12 @@ async def run_mode(url: str, workload: list[dict], use_semshare: bool, concurren
                            replica=data.get("replica"), cache_tier=data.get("cache_tier"),
                            ref_key=data.get("ref_key"))
             records.append(rec)
+            bar.update(1)
+            bar.set_postfix_str(f"{item['kind']} {status}")
 
     async with httpx.AsyncClient(timeout=timeout_s) as c:
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
+    bar.close()
     return sorted(records, key=lambda r: r["i"])
 
 
