@@ -29,6 +29,7 @@ from .config import SemShareConfig
 from .fingerprint import prompt_vector, token_embeddings
 from .kv import ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
+from .prompts import encode_chat, encode_text
 from .prefill import full_prefill, layer_step, model_step, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -118,13 +119,10 @@ class SemShareEngine:
 
     # prompts ---------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        return encode_text(self.tokenizer, text)
 
     def encode_chat(self, messages: Sequence[dict]) -> np.ndarray:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return np.asarray(ids, dtype=np.int64).reshape(-1)
+        return encode_chat(self.tokenizer, messages)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

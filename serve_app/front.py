@@ -27,6 +27,7 @@ import numpy as np
 
 from semshare_core import SemShareConfig
 from semshare_core.fingerprint import prompt_vector
+from semshare_core.prompts import encode_chat, encode_text
 
 from .protocol import ClientError, Reference, ReplicaRequest, Sampling
 from .reuse import IndexClient, index_namespace
@@ -70,13 +71,10 @@ class PromptCodec:
         self.digest = tokenizer_digest(tokenizer)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        return encode_text(self.tokenizer, text)
 
     def encode_chat(self, messages: Sequence[dict]) -> np.ndarray:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return np.asarray(ids, dtype=np.int64).reshape(-1)
+        return encode_chat(self.tokenizer, messages)
 
     def fingerprint(self, ids: np.ndarray) -> np.ndarray:
         return prompt_vector(ids, self.config.ngram, self.config.fingerprint_dim)
