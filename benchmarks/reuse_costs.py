@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     a = p.parse_args(argv)
 
-    import numpy as np
     import ray
     import torch
 

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SELECTIONS = ("deviation", "attention", "blend", "random", "positional")
 

@@ -2,8 +2,8 @@
 
 Importance of prompt token ``j`` at layer ``l``: the attention mass that the last
 ``window`` prompt queries put on ``j`` (summed over heads and queries), recorded
-while the stock attention runs (an attention function registered with
-transformers' ``AttentionInterface`` wraps the real one). Retention per layer keeps
+while the stock attention runs (the attention function that
+:mod:`semshare_core.attention` registers calls the recorder). Retention per layer keeps
 the first ``sink_tokens``, the last ``window`` tokens, and then the most attended
 tokens until ``recovery`` of the mass is covered or the layer's budget
 (:meth:`SemShareConfig.retention_share`) is spent. Decoding then attends only to
@@ -11,40 +11,15 @@ kept tokens; generated tokens keep their true positions (prompt length onwards).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-RECORDING_IMPL = "semshare_record"
-_STATE = threading.local()
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    base_name = getattr(_STATE, "base", "sdpa")
-    base = ALL_ATTENTION_FUNCTIONS["sdpa"] if base_name != "eager" else _eager()
-    out = base(module, query, key, value, attention_mask, **kwargs)
-    recorder = getattr(_STATE, "recorder", None)
-    if recorder is not None:
-        recorder(module, query, key, attention_mask, kwargs.get("scaling"))
-    return out
-
-
-def _eager():
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward
-
-
-ALL_ATTENTION_FUNCTIONS.register(RECORDING_IMPL, _recording_attention)
 
 
 class AttentionRecorder:
@@ -73,23 +48,6 @@ class AttentionRecorder:
             scores = scores.masked_fill(torch.arange(n, device=scores.device)[None] > qpos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         self.importance[module.layer_idx] = probs.sum(dim=(0, 1, 2))
-
-
-@contextlib.contextmanager
-def recording(model: torch.nn.Module, recorder: AttentionRecorder | None) -> Iterator[None]:
-    """Route the model's attention through the recorder for the duration (no-op if None)."""
-    if recorder is None:
-        yield
-        return
-    cfg = model.config
-    prev = cfg._attn_implementation
-    _STATE.base, _STATE.recorder = prev, recorder
-    cfg._attn_implementation = RECORDING_IMPL
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = prev
-        _STATE.recorder = None
 
 
 def retained_indices(importance: torch.Tensor, budget: int, recovery: float, sink: int, window: int) -> torch.Tensor:
