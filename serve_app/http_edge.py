@@ -143,7 +143,11 @@ class BodyReader:
 
 
 def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that returns ``body`` once, then defers to the real one (disconnects)."""
+    """A ``receive`` that returns ``body`` once, then defers to the real one (disconnects).
+
+    If the real one fails after the body (the proxy dropped the request: the client is
+    gone), it reports a disconnect instead of raising.
+    """
     sent = False
 
     async def _receive():
@@ -151,7 +155,12 @@ def replay(body: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        try:
+            return await receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the client is gone
+            return {"type": "http.disconnect"}
     return _receive
 
 

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import TENANT_RE, AuthConfigError, KeyRing, Principal, open_mode_principal
 from .front import Front
-from .http_edge import BodyReader, header_problem
+from .http_edge import BodyReader, header_problem, replay
 from .observability import IngressMetrics, access_record, log_access, outcome_of
 from .protocol import ClientError
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
@@ -182,7 +182,7 @@ class Guard:
                 type_ = {408: "timeout", 503: "overloaded"}.get(out.status, "invalid_request_error")
                 hdrs = {**self.retry_headers(), "Connection": "close"} if out.status == 503 else {"Connection": "close"}
                 return await _err(out.status, out.message, type_, code=out.code, headers=hdrs)(scope, receive, send)
-            receive = _replay(out.body, receive)
+            receive = replay(out.body, receive)
         # 3. admission (generation only; stats / models stay cheap and always answer)
         if path in GENERATION_PATHS:
             if self.inflight >= self.args.max_concurrent_requests:
@@ -239,23 +239,6 @@ class Guard:
                         error=error or info.get("error")), logger)
             except Exception:  # noqa: BLE001 - observability never fails a request
                 logger.exception("access log / metrics failed")
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        try:
-            return await receive()  # after the body: disconnect notifications
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the proxy dropped the request: the client is gone
-            return {"type": "http.disconnect"}
-    return replay
 
 
 _GUARD: dict[str, Optional[Guard]] = {"guard": None}
