@@ -30,6 +30,7 @@ from .fingerprint import prompt_vector, token_embeddings
 from .kv import ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .prompts import encode_chat, encode_text
+from .staging import HostStaging
 from .prefill import full_prefill, layer_step, model_step, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -116,6 +117,7 @@ class SemShareEngine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
         self.lock = threading.RLock()
         self._lsh_cache: OrderedDict[tuple, ReferenceLSH] = OrderedDict()
+        self.staging = HostStaging(self.device)
 
     # prompts ---------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
@@ -210,7 +212,8 @@ class SemShareEngine:
                          reference_kv: torch.Tensor | None = None) -> torch.Tensor:
         """Reference KV in target order, keys re-rotated: ``[L, 2, H, n, D]`` (new memory).
 
-        Gathers on the host copy (then moves only the n gathered rows), or on
+        Gathers on the host copy (then moves only the n gathered rows; on an accelerator
+        through a reusable pinned staging buffer, :mod:`semshare_core.staging`), or on
         ``reference_kv`` when it is given (already on the device).
         """
         idx = torch.from_numpy(mapping.ref_index)
@@ -219,8 +222,10 @@ class SemShareEngine:
                 raise ValueError(f"reference_kv shape {tuple(reference_kv.shape)} != packed {reference.data.shape}")
             idx = idx.to(reference_kv.device)
             kv = reference_kv.index_select(3, idx).to(device=self.device, dtype=self.dtype)
+        elif self.device.type != "cpu":
+            kv = self.staging.gather(reference.to_torch("cpu"), 3, idx).to(dtype=self.dtype)
         else:
-            kv = reference.to_torch("cpu").index_select(3, idx).to(device=self.device, dtype=self.dtype)
+            kv = reference.to_torch("cpu").index_select(3, idx).to(dtype=self.dtype)
         delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
         self.rerotate.rotate_(kv[:, 0], delta)
         return kv

@@ -123,3 +123,23 @@ def test_export_matches_prefill_cache():
     L, H = eng.num_layers, eng.model.config.num_key_value_heads
     assert p.data.shape == (L, 2, H, ids.size, eng.signature.head_dim)
     assert torch.equal(p.to_torch()[2, 0], pre.cache.layers[2].keys[0])
+
+
+def test_host_staging_gathers_like_index_select_and_reuses_its_buffer():
+    """The staging path a GPU hit takes, run on the CPU: same rows, one buffer reused, results owned."""
+    from semshare_core.staging import HostStaging
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(3, 2, 2, 50, 4, generator=g).to(torch.bfloat16)
+    stage = HostStaging(torch.device("cpu"), pin=False)
+    a_idx = torch.tensor([5, 1, 49, 1])
+    a = stage.gather(src, 3, a_idx)
+    assert torch.equal(a, src.index_select(3, a_idx))
+    ptr = stage.buffer.data_ptr()
+    b_idx = torch.tensor([0, 2])
+    b = stage.gather(src, 3, b_idx)  # smaller: same buffer
+    assert stage.buffer.data_ptr() == ptr and torch.equal(b, src.index_select(3, b_idx))
+    assert torch.equal(a, src.index_select(3, a_idx))  # an earlier result is not overwritten
+    c_idx = torch.arange(50).flip(0)
+    c = stage.gather(src, 3, c_idx)  # larger: the buffer grows
+    assert stage.buffer.numel() >= c.numel() and torch.equal(c, src.index_select(3, c_idx))
