@@ -133,10 +133,20 @@ class SemanticIndex:
             self.counters["misses"] += 1
             return None
         entry, sim = found[0]
-        self._entries.move_to_end(entry.key)
+        self.touch(entry.key)
         entry.hits += 1
         self.counters["hits"] += 1
         return Match(entry, sim)
+
+    def touch(self, key: str) -> bool:
+        """Mark ``key`` most recently used (last to be evicted); False when it is absent.
+
+        Only the LRU order changes: hit counters are the caller's (``lookup`` counts its own).
+        """
+        if key not in self._entries:
+            return False
+        self._entries.move_to_end(key)
+        return True
 
     def entries(self, tenant: str | None = None) -> list[IndexEntry]:
         """Entries (of ``tenant`` if given), least recently used first."""

@@ -255,9 +255,7 @@ class KVIndex:
 
     def _touch(self, entry) -> None:
         """Mark ``entry`` used: LRU order and hit counters (what ``SemanticIndex.lookup`` does)."""
-        lru = getattr(self.index, "_entries", None)
-        if lru is not None and entry.key in lru:
-            lru.move_to_end(entry.key)
+        self.index.touch(entry.key)
         entry.hits += 1
         self.index.counters["hits"] += 1
 

@@ -82,3 +82,17 @@ def test_prompt_vectors_rank_variants_first():
     variant[100:180] = rng.integers(0, 5000, 80)
     m = idx.lookup(prompt_vector(variant), threshold=0.3)
     assert m is not None and m.entry.key == "d3" and 0.5 < m.similarity < 1.0
+
+
+def test_touch_moves_to_the_lru_end_and_reports_absent_keys():
+    idx = SemanticIndex(64, max_items=3, max_bytes=10**9)
+    for i in range(3):
+        idx.add(f"k{i}", vec(i), np.arange(2), 1, i)
+    assert idx.touch("k0") is True
+    assert [e.key for e in idx.entries()] == ["k1", "k2", "k0"]
+    assert idx.touch("nope") is False
+    assert idx.stats()["hits"] == 0 and idx.get("k0").hits == 0  # LRU order only, no hit counted
+    evicted = idx.add("k3", vec(3), np.arange(2), 1, 3)
+    assert [e.key for e in evicted] == ["k1"]
+    idx.remove("k2")
+    assert idx.touch("k2") is False
