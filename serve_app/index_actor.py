@@ -16,7 +16,9 @@ of replicas' hot copies; a new one whenever the stored object changes), its
 derivation ``depth`` (0: KV from a full prefill; n: reused an entry of depth n-1),
 whether it is ``exact`` (a full prefill's KV, replayable), and the replicas that hold
 a hot copy (``hot``; the request router prefers them). Lookups prefer an exact entry
-over an approximate one whose similarity is within ``prefer_exact_margin``.
+over an approximate one whose similarity is within ``prefer_exact_margin``. Replicas that
+die or leave the replica set are taken out of every ``hot`` by ``drop_holders``, which
+the request router calls when its replica set shrinks (the entries stay: served cold).
 
 The actor restarts forever (``max_restarts=-1``) but comes back EMPTY: its objects
 died with it. Callers must treat an unreachable actor or a lost object as a miss.
@@ -53,15 +55,20 @@ class EntryMeta:
 class KVIndex:
     """Plain class (testable without Ray except for ``ray.put``): index + counters."""
 
+    MAX_DEAD = 4096  # replica ids remembered as gone (replica ids are never reused)
+
     def __init__(self, dim: int, max_items: int = 1024, max_bytes: int = 1 << 31,
                  tenant_max_items: Optional[int] = None, tenant_max_bytes: Optional[int] = None):
         self.index = SemanticIndex(dim, max_items=max_items, max_bytes=max_bytes,
                                    tenant_max_items=tenant_max_items, tenant_max_bytes=tenant_max_bytes)
         self.started = time.time()
         self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "reuse_errors": 0,
-                         "registered": 0, "rejected": 0, "injected_faults": 0}
+                         "registered": 0, "rejected": 0, "injected_faults": 0,
+                         "dead_holders": 0, "dropped_hot": 0, "late_hot_refused": 0}
         self.tenant_counters: dict[str, dict[str, int]] = {}
         self.meta: dict[str, EntryMeta] = {}
+        # replicas reported gone (insertion order, bounded): their late add_hot is refused
+        self._dead: dict[str, None] = {}
 
     def _tc(self, tenant: str) -> dict[str, int]:
         return self.tenant_counters.setdefault(tenant, {"hits": 0, "misses": 0})
@@ -98,7 +105,8 @@ class KVIndex:
         if old is not None:
             self.meta.pop(key, None)
         uid = uid or uuid.uuid4().hex
-        self.meta[key] = EntryMeta(uid, int(depth), exact, {hot_replica} if hot_replica else set())
+        hot = {hot_replica} if hot_replica and hot_replica not in self._dead else set()
+        self.meta[key] = EntryMeta(uid, int(depth), exact, hot)
         self.counters["registered"] += 1
         return {"key": key, "stored": True, "nbytes": nbytes, "evicted": [e.key for e in evicted],
                 "index_bytes": self.index.nbytes, "uid": uid, "depth": int(depth), "exact": exact}
@@ -114,6 +122,9 @@ class KVIndex:
         m = self.meta.get(key)
         if m is None or m.uid != uid:
             return False
+        if replica in self._dead:  # a dead replica's late report (sent before it died)
+            self.counters["late_hot_refused"] += 1
+            return False
         m.hot.add(replica)
         return True
 
@@ -127,14 +138,33 @@ class KVIndex:
                 n += 1
         return n
 
-    def drop_replica(self, replica: str) -> int:
-        """``replica`` is gone: it holds no hot copy any more."""
+    def drop_holders(self, replicas: list) -> int:
+        """``replicas`` (``ReplicaID.unique_id``s) are gone (dead, or left the replica set):
+        they hold no hot copy any more. Removes them from every entry's ``hot``; the entries
+        stay (their KV is in the object store, owned by this actor: served cold from now on).
+        Returns how many hot listings were removed. Idempotent (several routers may report
+        the same death). Counted in the stats: ``dead_holders`` (distinct replicas reported),
+        ``dropped_hot`` (listings removed)."""
+        gone = {str(r) for r in replicas if r}
+        if not gone:
+            return 0
         n = 0
         for m in self.meta.values():
-            if replica in m.hot:
-                m.hot.discard(replica)
-                n += 1
+            if m.hot & gone:
+                n += len(m.hot & gone)
+                m.hot -= gone
+        new = [r for r in gone if r not in self._dead]
+        for r in new:
+            self._dead[r] = None
+        while len(self._dead) > self.MAX_DEAD:
+            self._dead.pop(next(iter(self._dead)))
+        self.counters["dead_holders"] += len(new)
+        self.counters["dropped_hot"] += n
         return n
+
+    def drop_replica(self, replica: str) -> int:
+        """``replica`` is gone: it holds no hot copy any more (:meth:`drop_holders` of one)."""
+        return self.drop_holders([replica])
 
     def report_lost(self, key: str) -> bool:
         """A caller could not fetch ``key``'s object: drop the entry and count it."""
