@@ -31,7 +31,9 @@ def model_deployment_options(a: AppArgs) -> dict:
     if a.affinity:  # cache-affinity routing (serve_app/affinity_router.py)
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class=CacheAffinityRouter,
-            request_router_kwargs={"imbalanced_threshold": a.affinity_imbalance_threshold})
+            request_router_kwargs={"imbalanced_threshold": a.affinity_imbalance_threshold,
+                                   # where the router reports replicas that left (KVIndex.drop_holders)
+                                   "index_name": a.index_name, "index_namespace": a.index_namespace})
     if a.autoscaling_config is not None:
         opts["autoscaling_config"] = a.autoscaling_config.serve_config()
     else:

@@ -160,6 +160,7 @@ class Front:
             ref, fallback = await self.index.lookup(req.vector, req.tenant, float(threshold))
             req.lookup_ms = (time.perf_counter() - ts) * 1e3
             req.looked_up, req.reference, req.lookup_fallback = True, ref, fallback
+            req.index_namespace = self.index.known_namespace
             self.counters["lookups"] += 1
             if ref is not None:
                 self.counters["lookup_hits"] += 1

@@ -98,6 +98,7 @@ class ReplicaRequest:
     looked_up: bool = False               # the ingress ran the lookup (reference may still be None)
     reference: Optional[Reference] = None
     lookup_fallback: Optional[str] = None  # e.g. index_unavailable
+    index_namespace: Optional[str] = None  # where the index actor lives (the router reports dead replicas there)
     lookup_ms: float = 0.0
     prepare_ms: float = 0.0
 

@@ -78,6 +78,11 @@ class IndexClient:
         self._namespace = namespace if namespace is not None else args.index_namespace
         self._handle = None
 
+    @property
+    def known_namespace(self) -> Optional[str]:
+        """The namespace if already resolved (no call to a replica), else None."""
+        return self._namespace if isinstance(self._namespace, str) else None
+
     async def namespace(self) -> str:
         if not isinstance(self._namespace, str):
             self._namespace = await self._namespace()

@@ -100,3 +100,120 @@ def test_requests_without_hot_info(args):
 
     assert hot_replicas_of(SimpleNamespace(args=args)) == []
     assert hot_replicas_of(None) == []
+
+
+# replicas leaving: the router tells the index ------------------------------------------------
+
+
+class FakeIndex:
+    def __init__(self, fail: int = 0):
+        self.calls: list[list[str]] = []
+        self.fail = fail
+        self.drop_holders = SimpleNamespace(remote=self._remote)
+
+    def _remote(self, ids):
+        async def call():
+            if self.fail:
+                self.fail -= 1
+                raise RuntimeError("index unreachable")
+            self.calls.append(sorted(ids))
+            return len(ids)
+        return call()
+
+
+@pytest.fixture
+def serve_hooks(monkeypatch):
+    """Ray's own update_replicas / on_replica_actor_died, reduced to the replica set they keep."""
+    from ray.serve._private.request_router.request_router import RequestRouter
+
+    def update(self, replicas):
+        self._replicas = {r.replica_id: r for r in replicas}
+
+    def died(self, replica_id):
+        self._replicas.pop(replica_id, None)
+    monkeypatch.setattr(RequestRouter, "update_replicas", update)
+    monkeypatch.setattr(RequestRouter, "on_replica_actor_died", died)
+
+
+def leaving_router(index, namespace="ns"):
+    r = make_router({})
+    r._replicas = {}
+    r.initialize_state(imbalanced_threshold=1, index_name="idx", index_namespace=namespace)
+    r._index_handle = index
+    return r
+
+
+def test_replicas_leaving_the_set_or_dying_are_reported_to_the_index(serve_hooks):
+    index = FakeIndex()
+    r = leaving_router(index)
+    a, b, c = FakeReplica("a"), FakeReplica("b"), FakeReplica("c")
+
+    async def run():
+        r.update_replicas([a, b, c])
+        await asyncio.sleep(0)
+        assert index.calls == []                      # nothing left
+        r.update_replicas([a, c])                     # b left (controller update)
+        await r._report_task
+        r.on_replica_actor_died(c.replica_id)         # c found dead while routing
+        await r._report_task
+        r.update_replicas([a, FakeReplica("d")])      # c already reported: not again
+        await asyncio.sleep(0)
+    asyncio.run(run())
+    assert index.calls == [["b"], ["c"]]
+    assert r.affinity_counters["replicas_gone"] == 2 and r.affinity_counters["gone_reported"] == 2
+    assert r._gone_pending == {}
+
+
+def test_a_failed_report_never_raises_and_is_retried(serve_hooks, monkeypatch):
+    from serve_app import affinity_router
+
+    async def pow2(self, candidate_replicas, pending_request):
+        return [candidate_replicas]
+    monkeypatch.setattr(affinity_router.PowerOfTwoChoicesRequestRouter, "choose_replicas", pow2)
+    index = FakeIndex(fail=1)
+    r = leaving_router(index)
+    a, b = FakeReplica("a"), FakeReplica("b")
+
+    async def run():
+        r.update_replicas([a, b])
+        r.update_replicas([a])
+        await r._report_task                          # fails: kept pending, no exception
+        assert r.affinity_counters["gone_report_errors"] == 1 and list(r._gone_pending) == ["b"]
+        r._index_handle = index                       # (the failure dropped the handle)
+        r._report_retry_at = 0
+        await r.choose_replicas([a], request([]))     # a later request retries
+        await r._report_task
+    asyncio.run(run())
+    assert index.calls == [["b"]] and r._gone_pending == {}
+
+
+def test_the_namespace_is_learned_from_a_request_before_reporting(serve_hooks, monkeypatch):
+    from serve_app import affinity_router
+
+    async def pow2(self, candidate_replicas, pending_request):
+        return [candidate_replicas]
+    monkeypatch.setattr(affinity_router.PowerOfTwoChoicesRequestRouter, "choose_replicas", pow2)
+    index = FakeIndex()
+    r = leaving_router(index, namespace=None)
+    a, b = FakeReplica("a"), FakeReplica("b")
+
+    async def run():
+        r.update_replicas([a, b])
+        r.update_replicas([a])
+        await asyncio.sleep(0)
+        assert r._report_task is None and list(r._gone_pending) == ["b"]  # nowhere to report yet
+        req = request([])
+        req.args[0].index_namespace = "semshare-abc"
+        await r.choose_replicas([a], req)
+        await r._report_task
+    asyncio.run(run())
+    assert r._index_namespace == "semshare-abc" and index.calls == [["b"]]
+
+
+def test_the_app_names_the_index_to_the_router():
+    from serve_app.app import model_deployment_options
+    from serve_app.settings import resolve_args
+
+    kw = model_deployment_options(resolve_args({"preset": "tiny-random", "index_name": "ix",
+                                                "index_namespace": "nsx"}))["request_router_config"]
+    assert kw.request_router_kwargs["index_name"] == "ix" and kw.request_router_kwargs["index_namespace"] == "nsx"
