@@ -196,6 +196,19 @@ def test_killed_holder_entries_served_cold_and_no_request_fails(aff):
     assert all(r["replica"] != holder for r in results)
     assert all(r["cache_hit"] for r in results), results
     assert any(r["cache_tier"] == "cold" and r["ref_key"] == "orphan" for r in results), results
+    # the index learns the holder died (the router reports replicas leaving its set): the
+    # entry stays, no longer listing the dead replica as a hot holder
+    index = ray.get_actor(A_INDEX, namespace="semshare_it")
+    deadline = time.time() + 60
+    while holder in entries(tenant)["orphan"]["hot"]:
+        assert time.time() < deadline, (holder, entries(tenant)["orphan"], ray.get(index.stats.remote()))
+        time.sleep(0.2)
+    st = ray.get(index.stats.remote(), timeout=30)
+    assert st["dead_holders"] >= 1 and st["dropped_hot"] >= 1, st
+    assert all(holder not in e["hot"] for e in entries(tenant).values())
+    # the same prompt again: a hit on the surviving entry, never routed to the dead replica
+    again = gen(aff, p, tenant)
+    assert again["cache_hit"] is True and again["ref_key"] == "orphan" and again["replica"] != holder, again
     # the app comes back to 2 replicas (Serve replaces the dead one)
     deadline = time.time() + 120
     while True:
