@@ -75,6 +75,7 @@ class SemShareConfig:
     recompute_ratio: float = 0.3
     recompute_decay: float = 0.9
     recompute_floor: float = 0.05
+    recompute_min_tokens: int = 0
     deviation_tol: float = 1e-3
     attention_chunks: int = 0
     selection: str = "deviation"
@@ -100,6 +101,7 @@ class SemShareConfig:
         for name in ("recompute_ratio", "recompute_floor", "recovery"):
             v = getattr(self, name)
             check(0.0 <= v <= 1.0 and not math.isnan(v), f"{name} must be in [0, 1], got {v}")
+        check(self.recompute_min_tokens >= 0, f"recompute_min_tokens must be >= 0, got {self.recompute_min_tokens}")
         check(0 <= self.attention_chunks <= 64, "attention_chunks must be in [0, 64] (0 = auto)")
         check(0.0 <= self.deviation_tol < 1.0, f"deviation_tol must be in [0, 1), got {self.deviation_tol}")
         check(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}")
@@ -133,6 +135,11 @@ class SemShareConfig:
     def recompute_share(self, layer: int) -> float:
         """Share of prompt tokens recomputed at decoder layer ``layer`` (>= 1)."""
         return max(self.recompute_floor, self.recompute_ratio * self.recompute_decay ** max(0, layer - 1))
+
+    def recompute_rows(self, layer: int, n: int) -> int:
+        """Rows of an ``n``-token prompt recomputed at decoder layer ``layer`` (>= 1):
+        ``ceil(recompute_share(layer) * n)``, at least ``recompute_min_tokens``, at most ``n``."""
+        return min(n, max(math.ceil(self.recompute_share(layer) * n), self.recompute_min_tokens))
 
     def retention_share(self, layer: int, num_layers: int) -> float:
         """Budget (share of prompt tokens) the pruned cache keeps at ``layer``."""

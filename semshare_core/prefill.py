@@ -259,7 +259,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
     plan, pe = plan_for(rows)
     with selective_attention(model, recorder) as attention:
         for l, layer in enumerate(layers):
-            k = math.ceil(cfg.recompute_share(l + 1) * n) if l + 1 < L else 0
+            k = cfg.recompute_rows(l + 1, n) if l + 1 < L else 0
             shrink_by_deviation = l >= 1 and rule == "deviation" and k < rows.numel()
             cache.rows, cache.full = rows, rows.numel() == n
             cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)
