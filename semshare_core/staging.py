@@ -2,9 +2,25 @@
 
 A hit on an accelerator gathers the reference rows it needs on the host and copies them
 to the device. From pageable memory that copy is slow and synchronous (measured on an
-H200: 512 MB in ~82 ms pageable vs ~10 ms pinned). :class:`HostStaging` gathers straight
-into one reusable, page-locked buffer and starts an asynchronous copy from it; a CUDA
-event keeps the next gather from overwriting the buffer before that copy is done.
+H200: 512 MB in ~82 ms pageable vs ~10 ms pinned). Two ways, chosen by
+``SemShareConfig.host_staging``:
+
+* ``whole`` -- :class:`HostStaging` gathers all layers straight into one reusable,
+  page-locked buffer and starts one asynchronous copy from it, before the layer loop; a
+  CUDA event keeps the next gather from overwriting the buffer before that copy is done.
+* ``layered`` (the default on CUDA) -- :class:`LayerFeed` owns the prompt's KV buffer on
+  the device and fills it one layer at a time: the host gathers layer ``l`` into one of
+  two reusable pinned slots (:class:`PinnedSlots`, kept by the engine across hits; a
+  slot's previous copy is waited for before it is overwritten) and the copy runs on a
+  side stream. :func:`semshare_core.prefill.selective_prefill` stages layer ``l + 2``
+  right after launching layer ``l``'s kernels, so the host gather overlaps the device's
+  compute, and makes the compute stream wait for a layer's copy (no host block) before
+  re-rotating and reading it. Non-CUDA devices (and unpinned slots) copy synchronously.
+
+Both give the same KV (tested on the CPU, where ``layered`` can be forced and runs the
+same code with synchronous copies). Neither is measured on a GPU yet: whether the
+overlap pays, and what ``whole`` costs next to it, is what ``benchmarks/gpu_run.sh``
+run 2 (``benchmarks/sweeps/gpu-staging.yaml``) is for.
 """
 from __future__ import annotations
 
