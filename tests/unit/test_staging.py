@@ -133,3 +133,94 @@ def test_host_staging_is_validated():
     with pytest.raises(ValueError, match="host_staging"):
         SemShareConfig(host_staging="bogus")
     assert SemShareConfig.from_dict(SemShareConfig(host_staging="whole").to_dict()).host_staging == "whole"
+
+
+class _FakeCuda:
+    """Stands in for torch.cuda streams/events on the CPU and logs the ordering calls."""
+
+    def __init__(self, log):
+        self.log = log
+        outer = self
+
+        class Event:
+            count = 0
+
+            def __init__(self):
+                self.id = None
+
+            def record(self, stream=None):
+                self.id = Event.count
+                Event.count += 1
+                outer.log.append(("record", self.id))
+
+            def synchronize(self):
+                outer.log.append(("sync", self.id))
+
+        class Stream:
+            def wait_event(self, event):
+                outer.log.append(("wait", event.id))
+
+            def wait_stream(self, other):
+                outer.log.append(("wait_stream",))
+
+        class _Ctx:
+            def __enter__(self):
+                outer.log.append(("side",))
+
+            def __exit__(self, *exc):
+                outer.log.append(("main",))
+
+        self.Event, self.Stream, self.current = Event, Stream, Stream()
+        self.stream = lambda s: _Ctx()
+        self.current_stream = lambda device=None: self.current
+
+
+def test_async_ordering_of_the_layer_feed(monkeypatch):
+    """The CUDA branch, with fake streams/events: each copy is issued on the side stream and
+    recorded, the compute stream waits for a layer's event before its keys are rotated, a
+    slot's previous copy is waited for before the slot is overwritten, and ``finish`` waits
+    for every copy, also when the layer loop raises."""
+    engine = tiny_engine("llama")
+    rot, d = engine.rerotate, engine.signature.head_dim
+    L, n = 5, 11
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(L, 2, 2, 17, d, generator=g)
+    idx = torch.randint(0, 17, (n,), generator=g)
+    delta = torch.arange(n) - idx
+    log = []
+    fake = _FakeCuda(log)
+    for name in ("Event", "Stream", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    slots = PinnedSlots(torch.device("cpu"), pin=False)
+    rotated = []
+
+    def rotate(keys, cos, sin):
+        log.append(("rotate", len(rotated)))
+        rotated.append(1)
+        return rot.rotate_angles_(keys, cos, sin)
+
+    feed = LayerFeed(src, idx, slots, torch.device("cpu"), torch.float32, rot.angles(delta, torch.device("cpu")),
+                     rotate)
+    feed.asynchronous, feed.stream = True, fake.Stream()  # take the CUDA branch
+    with pytest.raises(RuntimeError, match="midway"):
+        with feed:
+            feed.stage(0)
+            feed.stage(1)
+            for l in range(L):
+                feed.ready(l)
+                feed.stage(l + 2)
+                if l == 2:
+                    raise RuntimeError("midway")
+    # layer l's copy is event l; rotation l comes after the compute stream waited on it
+    for l in range(3):
+        assert log.index(("record", l)) < log.index(("wait", l)) < log.index(("rotate", l))
+    # slot l % 2 is reused by layer l + 2 only after copy l finished on the host side
+    for l in range(2, 5):
+        assert log.index(("sync", l - 2)) < log.index(("record", l))
+    # finish: the compute stream waits on every copy issued (layers 0..4), after the raise
+    tail = log[log.index(("rotate", 2)) + 1:]
+    assert {("wait", l) for l in range(5)} <= set(tail)
+    assert slots.events[0] is not None and slots.events[1] is not None  # the next hit syncs on them
+    whole = src.index_select(3, idx)
+    rot.rotate_(whole[:, 0], delta)
+    assert torch.equal(feed.buffer[:3], whole[:3])
