@@ -3,7 +3,8 @@
 # random bf16 weights built on the device (speed and memory do not depend on the weights),
 # offline tiny tokenizer (ids < vocab). Two runs:
 #   1. reference KV already on the GPU (--kv-placement device), lengths 2k..16k, memory sweep at 4k;
-#   2. reference KV as pageable host numpy, as from the object store (--kv-placement host).
+#   2. reference KV as pageable host numpy, as from the object store (--kv-placement host): full and
+#      semshare plus host_staging whole vs layered (benchmarks/sweeps/gpu-staging.yaml).
 # Each prints JSON lines as it goes (kept in $OUT/*.jsonl even if a run is cut by its timeout) and
 # writes <name>.json/.md/_*.png into $OUT. Needs torch + transformers only (no faiss/ray/fastapi).
 #
@@ -19,12 +20,14 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [[ "${SMOKE:-0}" == "1" ]]; then
   COMMON=(--model llama3-8b-random --model-shape small --device cpu --dtype float32 --threads 1 --jsonl --no-progress)
   RUN1=(--lengths 64,128 --edits replace --ratios 0.3 --new-tokens 2 --reps 1 --memory-length 128 --budget-s 60)
-  RUN2=(--lengths 128 --edits replace --ratios 0.3 --new-tokens 2 --reps 1 --memory-retentions 1.0 --budget-s 30)
+  RUN2=(--lengths 128 --edits replace --ratios 0.3 --new-tokens 2 --reps 1 --memory-retentions 1.0 --budget-s 30
+        --methods full,semshare --sweep benchmarks/sweeps/gpu-staging.yaml)
   T1=120 T2=90
 else
   COMMON=(--model llama3-8b-random --device cuda --dtype bfloat16 --quick --jsonl --no-progress)
   RUN1=(--budget-s "${B1:-170}" --sweep benchmarks/sweeps/gpu.yaml)
-  RUN2=(--lengths 4096,16384 --edits replace --ratios 0.1 --memory-retentions 1.0 --budget-s "${B2:-90}")
+  RUN2=(--lengths 4096,16384 --edits replace --ratios 0.1 --memory-retentions 1.0 --budget-s "${B2:-90}"
+        --methods full,semshare --sweep benchmarks/sweeps/gpu-staging.yaml)
   T1=${T1:-270} T2=${T2:-190}
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$OUT/gpu_info.csv" 2>&1 || true
 fi

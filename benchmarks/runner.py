@@ -267,7 +267,8 @@ def method_record(spec: MethodSpec, cfg: SemShareConfig, pre, n: int, L: int) ->
            "probe_rows": int(getattr(st, "probe_rows", 0) or 0), "retained_per_layer": list(st.retained_per_layer),
            "kv_bytes": decode_cache_bytes(pre.cache), "reused_tokens": int(st.reused_tokens),
            "reused_share": st.reused_tokens / n, "recomputed_tokens": int(st.recomputed_tokens),
-           "mapping": dict(st.mapping), "hit": bool(st.hit), "first_token": int(torch.argmax(pre.logits))}
+           "mapping": dict(st.mapping), "hit": bool(st.hit), "first_token": int(torch.argmax(pre.logits)),
+           "staging": getattr(st, "staging", "")}
     if spec.kind == "prefix":
         rec["prefix_block"] = None  # filled by the caller
     return rec

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import torch
 
 SELECTIONS = ("deviation", "attention", "blend", "random", "positional")
+HOST_STAGINGS = ("auto", "layered", "whole")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,14 @@ class SemShareConfig:
         attention mass is covered (0.95 kept only ~15-30% of tokens at the deepest
         layer on SmolLM2 whatever the budget, and cost quality, so the default 1.0
         lets the budget decide).
+    Fetch
+        ``host_staging``: how a hit moves reference rows that live in host memory to the
+        device (:mod:`semshare_core.staging`). ``layered``: one layer at a time through
+        two reusable pinned slots, the copies asynchronous on CUDA and the host gather of
+        layer l+2 overlapped with the device computing layer l; ``whole``: all layers in
+        one pinned buffer, one copy, before the layer loop (on a CPU: a plain gather);
+        ``auto``: ``layered`` on a CUDA device, ``whole`` elsewhere. Same results either
+        way; the overlap is not yet measured on a GPU.
     """
 
     sim_threshold: float = 0.3
@@ -84,6 +93,7 @@ class SemShareConfig:
     recovery: float = 1.0
     sink_tokens: int = 4
     seed: int = 0
+    host_staging: str = "auto"
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -109,6 +119,8 @@ class SemShareConfig:
         check(0.0 < self.retention <= 1.0, f"retention must be in (0, 1], got {self.retention}")
         check(self.window >= 1, "window must be >= 1")
         check(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+        check(self.host_staging in HOST_STAGINGS,
+              f"host_staging must be one of {HOST_STAGINGS}, got {self.host_staging!r}")
 
     def with_(self, **changes) -> "SemShareConfig":
         """A copy with some fields changed (validated again)."""

@@ -30,7 +30,7 @@ from .fingerprint import prompt_vector, token_embeddings
 from .kv import ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .prompts import encode_chat, encode_text
-from .staging import HostStaging
+from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
 from .prefill import full_prefill, layer_step, model_step, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -40,7 +40,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PrefillStats:
-    """What a prefill did. Times in milliseconds."""
+    """What a prefill did. Times in milliseconds.
+
+    ``gather_ms``: time to make the reference ready before the layer loop (with
+    ``staging`` "layered": layers 0 and 1 only; the other layers' fetch and re-rotation
+    run inside the loop and count in ``prefill_ms``). ``staging``: how a hit's reference
+    rows reached the model: "device" (``reference_kv`` given), "whole" (one pinned
+    buffer), "layered" (per layer, :class:`semshare_core.staging.LayerFeed`), "cpu"
+    (plain host gather); "" on a miss or a replay.
+    """
 
     prompt_tokens: int
     hit: bool = False
@@ -53,6 +61,7 @@ class PrefillStats:
     mapping_ms: float = 0.0
     gather_ms: float = 0.0
     prefill_ms: float = 0.0
+    staging: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +127,7 @@ class SemShareEngine:
         self.lock = threading.RLock()
         self._lsh_cache: OrderedDict[tuple, ReferenceLSH] = OrderedDict()
         self.staging = HostStaging(self.device)
+        self.layer_slots = PinnedSlots(self.device)
 
     # prompts ---------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
@@ -230,6 +240,34 @@ class SemShareEngine:
         self.rerotate.rotate_(kv[:, 0], delta)
         return kv
 
+    def staging_mode(self, cfg: SemShareConfig, reference_kv: torch.Tensor | None = None) -> str:
+        """How a hit fetches its reference rows (``PrefillStats.staging``), from ``cfg.host_staging``."""
+        if reference_kv is not None:
+            return "device"
+        if cfg.host_staging == "layered" or (cfg.host_staging == "auto" and self.device.type == "cuda"):
+            return "layered"
+        return "cpu" if self.device.type == "cpu" else "whole"
+
+    def reference_feed(self, reference: PackedKV, mapping: TokenMapping, cfg: SemShareConfig,
+                       reference_kv: torch.Tensor | None = None):
+        """What :func:`selective_prefill` reads the reference from: a :class:`LayerFeed`
+        (``staging_mode`` "layered"; layers 0 and 1 already staged) or the result of
+        :meth:`gather_reference` in an :class:`ImmediateFeed`."""
+        mode = self.staging_mode(cfg, reference_kv)
+        if mode != "layered":
+            return ImmediateFeed(self.gather_reference(reference, mapping, reference_kv), mode)
+        idx = torch.from_numpy(mapping.ref_index)
+        delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
+        feed = LayerFeed(reference.to_torch("cpu"), idx, self.layer_slots, self.device, self.dtype,
+                         self.rerotate.angles(delta, self.device), self.rerotate.rotate_angles_)
+        try:
+            feed.stage(0)
+            feed.stage(1)
+        except BaseException:
+            feed.finish()
+            raise
+        return feed
+
     def _clock(self) -> float:
         """``perf_counter`` after the device's queued work is done (stage timings on GPU)."""
         if self.device.type == "cuda":
@@ -242,10 +280,10 @@ class SemShareEngine:
         t0 = self._clock()
         mapping = self.map_to_reference(ids, reference, cfg)
         t1 = self._clock()
-        kv = self.gather_reference(reference, mapping, reference_kv)
+        feed = self.reference_feed(reference, mapping, cfg, reference_kv)
         t2 = self._clock()
         prune = cfg.retention < 1.0
-        out = selective_prefill(self.model, torch.from_numpy(ids), kv,
+        out = selective_prefill(self.model, torch.from_numpy(ids), feed,
                                 torch.from_numpy(mapping.must_recompute), cfg, record_attention=prune)
         kept = None
         if prune:
@@ -260,7 +298,7 @@ class SemShareEngine:
                              rows_per_layer=out.rows_per_layer, probe_rows=out.probe_rows,
                              retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
                              mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
-                             prefill_ms=(t3 - t2) * 1e3)
+                             prefill_ms=(t3 - t2) * 1e3, staging=feed.staging)
         return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True)
 
     # decode ----------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torch
 
 from .config import SemShareConfig
 from .pruning import AttentionRecorder
+from .staging import ImmediateFeed
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -221,10 +222,14 @@ def _select(score: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, 
 
 
 @torch.no_grad()
-def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.Tensor, must_recompute: torch.Tensor,
+def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_recompute: torch.Tensor,
                       cfg: SemShareConfig, record_attention: bool = False) -> SelectiveOutput:
     """Prefill ``ids`` ``[n]`` reusing ``ref_kv`` ``[L, 2, H, n, D]`` (modified in place: it becomes the prompt's KV).
 
+    ``ref_kv`` is a tensor (gathered and re-rotated) or a feed that fills its ``buffer``
+    layer by layer (:class:`semshare_core.staging.LayerFeed`): ``stage(l)`` starts
+    layer ``l``'s fetch, ``ready(l)`` is called before anything reads layer ``l``, and
+    ``finish()`` on the way out, also on an exception.
     ``must_recompute``: bool ``[n]``, tokens without a usable reference row (always
     recomputed, with the last ``window`` tokens).
     """
@@ -233,6 +238,8 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
     base = _base(model)
     layers = decoder_layers(model)
     n, L = int(ids.shape[0]), len(layers)
+    feed = ref_kv if hasattr(ref_kv, "ready") else ImmediateFeed(ref_kv)
+    ref_kv = feed.buffer
     dev = ref_kv.device
     sliding = getattr(model.config, "sliding_window", None)
     sliding = sliding if sliding and sliding < n else None
@@ -257,20 +264,25 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv: torch.T
     probe_ok = L > 1 and _probe_supported(layers[1])
     chunks = cfg.chunks_for(dev)
     plan, pe = plan_for(rows)
-    with selective_attention(model, recorder) as attention:
+    with selective_attention(model, recorder) as attention, feed:
+        feed.stage(0)
+        feed.stage(1)
         for l, layer in enumerate(layers):
             k = cfg.recompute_rows(l + 1, n) if l + 1 < L else 0
             shrink_by_deviation = l >= 1 and rule == "deviation" and k < rows.numel()
             cache.rows, cache.full = rows, rows.numel() == n
             cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)
             attention.set(plan)
+            feed.ready(l)
             hidden = layer(hidden, attention_mask=None, position_ids=rows[None], position_embeddings=pe,
                            **{ckw: cache})
+            feed.stage(l + 2)  # the host gathers layer l+2 while the device runs layer l
             rows_per_layer.append(int(rows.numel()))
             if l + 1 == L or everything:
                 continue
             if l == 0:
                 if probe_ok:
+                    feed.ready(1)
                     probe = _probe_next_layer(model, layers[1], hidden, (cache.keys[1], cache.values[1]), cos, sin,
                                               cfg.window, rule in ("attention", "blend"))
                     probe_rows = n
