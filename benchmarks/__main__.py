@@ -11,6 +11,7 @@ Imports only submodules of ``semshare_core`` it needs (no faiss, Ray or FastAPI)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -98,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, metavar="FILE|SPEC",
                    help="extra SemShare methods: a JSON/YAML file or inline spec mapping a name to SemShareConfig "
                         "overrides, e.g. '{\"r0.1\": {\"recompute_ratio\": 0.1}}'")
+    p.add_argument("--base-config", default=None, metavar="JSON",
+                   help="SemShareConfig overrides under every method (the engine default otherwise), "
+                        "e.g. '{\"recompute_min_tokens\": 0}' for prompts of a few hundred tokens")
     p.add_argument("--pruned-retention", type=float, default=0.5)
     p.add_argument("--memory-length", type=int, default=None, help="length for the retention sweep [middle length]")
     p.add_argument("--memory-retentions", type=_floats, default=None,
@@ -146,6 +150,11 @@ def config_from_args(args: argparse.Namespace):
         bc.budget_s = None
     if args.sweep:
         bc.sweep = load_sweep(args.sweep)
+    if args.base_config:
+        try:
+            bc.base_config = dict(json.loads(args.base_config))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"--base-config: expected a JSON object of SemShareConfig fields: {e}")
     bc.name = args.name or f"{args.model}-{args.device.split(':')[0]}"
     bad = [e for e in bc.edits if e not in EDIT_KINDS]
     if bad:

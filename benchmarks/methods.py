@@ -64,7 +64,7 @@ def method_specs(pruned_retention: float = 0.5, extra_retentions: tuple[float, .
         "full": MethodSpec("full", "full"),
         "prefix": MethodSpec("prefix", "prefix"),
         "semshare": MethodSpec("semshare", "semshare"),
-        "semshare_r0": MethodSpec("semshare_r0", "semshare", {"recompute_ratio": 0.0}),
+        "semshare_r0": MethodSpec("semshare_r0", "semshare", {"recompute_ratio": 0.0, "recompute_min_tokens": 0}),
         "semshare_r1": MethodSpec("semshare_r1", "semshare", {"recompute_ratio": 1.0}),
         "semshare_pruned": MethodSpec("semshare_pruned", "semshare", {"retention": pruned_retention}),
     }

@@ -60,6 +60,7 @@ class BenchConfig:
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     sweep: dict = field(default_factory=dict)   # name -> SemShareConfig overrides (extra semshare methods)
+    base_config: dict = field(default_factory=dict)  # SemShareConfig overrides under every method (default: none)
     pruned_retention: float = 0.5
     memory_length: int | None = None    # default: the middle length
     memory_retentions: list[float] = field(default_factory=lambda: [1.0, 0.5])
@@ -99,7 +100,7 @@ class BenchConfig:
 def validate(bc: BenchConfig, base: SemShareConfig | None = None) -> dict[str, SemShareConfig]:
     """Every method's resolved config; raises ``ValueError`` (naming the method) on unknown
     methods, unknown config fields or invalid values. Run before the model loads."""
-    base = base or SemShareConfig(seed=bc.seed)
+    base = base or SemShareConfig.from_dict({"seed": bc.seed, **bc.base_config})
     specs = bc.all_specs()
     unknown = [m for m in bc.methods if m not in specs]
     if unknown:
@@ -386,7 +387,7 @@ def run(bc: BenchConfig, log=None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(bc.seed)
-    base = SemShareConfig(seed=bc.seed)
+    base = SemShareConfig.from_dict({"seed": bc.seed, **bc.base_config})
     cfgs = validate(bc, base)  # before loading the model: a bad sweep fails at once
     specs = bc.all_specs()
     lm = load_model(bc)

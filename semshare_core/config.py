@@ -37,7 +37,12 @@ class SemShareConfig:
         that share per later layer (1.0 = constant); the share never drops below
         ``recompute_floor``. Default 0.3 x 0.9^(l-1), floor 0.05: the fastest schedule
         that held every quality threshold in the project's selection/schedule sweep
-        (SmolLM2, 1k and 2k tokens, prose and fact edits; docs/benchmarks.md). Unmatched
+        (SmolLM2, 1k and 2k tokens, prose and fact edits; docs/benchmarks.md).
+        ``recompute_min_tokens``: no layer recomputes fewer rows than this (capped at the
+        prompt): short prompts keep enough fresh rows (default 256: at ~512 tokens the
+        share alone gave an agreement 10th percentile of 0.83 on one hit, the floor 0.97;
+        at 1k it lifts the deep layers from 5-10% to 25%; from ~5k tokens it never binds;
+        `benchmarks/results/chain-quality-*`). Unmatched
         tokens and the last ``window`` tokens are always recomputed, inside the budget. ``deviation_tol``: a
         token whose next-layer K/V deviates from the reused K/V by less than this
         (relative L2) is not recomputed at all (unchanged context, e.g. a shared
@@ -84,7 +89,8 @@ class SemShareConfig:
     recompute_ratio: float = 0.3
     recompute_decay: float = 0.9
     recompute_floor: float = 0.05
-    recompute_min_tokens: int = 0
+    recompute_min_tokens: int = 256
+    forced_in_budget: bool = True
     deviation_tol: float = 1e-3
     attention_chunks: int = 0
     selection: str = "deviation"

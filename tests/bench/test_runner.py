@@ -41,6 +41,7 @@ def tiny_run(tmp_path_factory):
                "--ratios", "0.3", "--pairs", "1", "--fact-pairs", "1", "--new-tokens", "4", "--answer-tokens", "6",
                "--reps", str(REPS), "--methods", ",".join(METHODS), "--sweep", str(sweep),
                "--memory-retentions", "1.0,0.5,0.3", "--memory-length", "128", "--name", "tiny",
+               "--base-config", '{"recompute_min_tokens": 0}',  # 64-128-token prompts
                "--out-dir", str(out), "--no-progress"])
     assert rc == 0
     return out, json.loads((out / "tiny.json").read_text())

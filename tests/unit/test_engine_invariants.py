@@ -262,7 +262,7 @@ def test_identical_prompt_is_reused_almost_entirely(engine):
     rel = (hit.logits - full.logits).abs().max() / full.logits.abs().max()
     assert rel < 1e-4
     off = engine.prefill(ids, ref, cfg.with_(deviation_tol=0.0))
-    assert off.stats.rows_per_layer[1] == int(np.ceil(cfg.recompute_share(1) * ids.size)) > engine.config.window
+    assert off.stats.rows_per_layer[1] == cfg.recompute_rows(1, int(ids.size)) > engine.config.window
 
 
 def test_reference_kv_on_device_gives_the_same_prefill(engine):

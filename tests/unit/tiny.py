@@ -24,7 +24,8 @@ def tiny_engine(arch: str, rope: str = "default") -> SemShareEngine:
                    "original_max_position_embeddings": 64}
     tok = tokenizer()
     model = tiny_random_model(arch, vocab_size=len(tok), rope_scaling=scaling)
-    return SemShareEngine(model, tok, SemShareConfig(window=1))
+    # recompute_min_tokens=0: the prompts here are short; the tests check the selective mechanics
+    return SemShareEngine(model, tok, SemShareConfig(window=1, recompute_min_tokens=0))
 
 
 @functools.lru_cache(maxsize=None)
