@@ -90,7 +90,7 @@ class SemShareConfig:
     recompute_decay: float = 0.9
     recompute_floor: float = 0.05
     recompute_min_tokens: int = 256
-    forced_in_budget: bool = True
+    forced_in_budget: bool = False
     deviation_tol: float = 1e-3
     attention_chunks: int = 0
     selection: str = "deviation"

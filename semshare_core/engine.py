@@ -163,15 +163,29 @@ class SemShareEngine:
                         and np.array_equal(reference.token_ids, ids)):
                     return self._replay(ids, reference, reference_kv)
                 return self._prefill_hit(ids, reference, cfg, reference_kv)
-            t0 = time.perf_counter()
-            logits, cache = full_prefill(self.model, torch.from_numpy(ids))
-            ms = (time.perf_counter() - t0) * 1e3
-            n = int(ids.size)
-            stats = PrefillStats(prompt_tokens=n, recomputed_tokens=n, rows_per_layer=[n] * self.num_layers,
-                                 retained_per_layer=[n] * self.num_layers, prefill_ms=ms)
-            keys = [layer.keys for layer in cache.layers]
-            values = [layer.values for layer in cache.layers]
-            return PrefillResult(ids, logits, cache, keys, values, stats, exact=True)
+            return self._full(ids)
+
+    def _full(self, ids: np.ndarray, mapping_ms: float = 0.0) -> PrefillResult:
+        """A plain full prefill (``model.forward``, exactly what ``generate`` does)."""
+        t0 = time.perf_counter()
+        logits, cache = full_prefill(self.model, torch.from_numpy(ids))
+        ms = (time.perf_counter() - t0) * 1e3
+        n = int(ids.size)
+        stats = PrefillStats(prompt_tokens=n, recomputed_tokens=n, rows_per_layer=[n] * self.num_layers,
+                             retained_per_layer=[n] * self.num_layers, mapping_ms=mapping_ms, prefill_ms=ms)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        return PrefillResult(ids, logits, cache, keys, values, stats, exact=True)
+
+    def planned_rows(self, n: int, forced: int, cfg: SemShareConfig) -> int:
+        """Rows a hit with ``forced`` must-recompute rows (unmatched + last window) would
+        compute at most, summed over layers, the layer-1 probe included (a full prefill: ``n * L``)."""
+        L = self.num_layers
+        rows = n + (n if L > 1 else 0)  # layer 0 on every token, the probe
+        for l in range(1, L):
+            share = cfg.recompute_rows(l, n)
+            rows += min(n, share + forced if not cfg.forced_in_budget else max(share, forced))
+        return rows
 
     def _replay(self, ids: np.ndarray, reference: PackedKV, reference_kv: torch.Tensor | None) -> PrefillResult:
         """Identical prompt, exact reference: its KV and first-token logits, no prefill.
@@ -280,6 +294,14 @@ class SemShareEngine:
         t0 = self._clock()
         mapping = self.map_to_reference(ids, reference, cfg)
         t1 = self._clock()
+        if cfg.recompute_ratio < 1.0:
+            forced = mapping.must_recompute.copy()
+            forced[max(0, n - cfg.window):] = True
+            if self.planned_rows(n, int(forced.sum()), cfg) >= n * L:
+                # too little matched to save anything: the exact full prefill is as cheap
+                logger.debug("hit planned to recompute as much as a full prefill (%d of %d tokens forced): "
+                             "full prefill", int(forced.sum()), n)
+                return self._full(ids, mapping_ms=(t1 - t0) * 1e3)
         feed = self.reference_feed(reference, mapping, cfg, reference_kv)
         t2 = self._clock()
         prune = cfg.retention < 1.0

@@ -262,7 +262,10 @@ def test_identical_prompt_is_reused_almost_entirely(engine):
     rel = (hit.logits - full.logits).abs().max() / full.logits.abs().max()
     assert rel < 1e-4
     off = engine.prefill(ids, ref, cfg.with_(deviation_tol=0.0))
-    assert off.stats.rows_per_layer[1] == cfg.recompute_rows(1, int(ids.size)) > engine.config.window
+    # forced rows (here only the last window: nothing is unmatched) come on top of the share
+    assert off.stats.rows_per_layer[1] == cfg.recompute_rows(1, int(ids.size)) + cfg.window > engine.config.window
+    inside = engine.prefill(ids, ref, cfg.with_(deviation_tol=0.0, forced_in_budget=True))
+    assert inside.stats.rows_per_layer[1] == cfg.recompute_rows(1, int(ids.size))
 
 
 def test_reference_kv_on_device_gives_the_same_prefill(engine):
@@ -368,3 +371,20 @@ def test_chunked_selected_rows_give_the_same_prefill(engine, chunks, monkeypatch
         torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)
     assert many.stats.rows_per_layer == one.stats.rows_per_layer
     assert many.stats.retained_per_layer == one.stats.retained_per_layer
+
+
+def test_a_hit_that_would_recompute_everything_is_a_full_prefill(engine):
+    """Forced rows on top of the share (or a floor as long as the prompt) would cost more
+    than a full prefill: the engine runs the exact full prefill instead (not a hit)."""
+    ref = engine.export_kv(engine.prefill(_prompt(engine, 0, 12)))
+    ids = _prompt(engine, 5, 12)  # overlaps the reference, partly matched
+    n = int(ids.size)
+    full = engine.prefill(ids)
+    floor = engine.prefill(ids, ref, engine.config.with_(recompute_min_tokens=n))
+    assert not floor.stats.hit and floor.exact and floor.stats.rows_per_layer == [n] * engine.num_layers
+    assert torch.equal(floor.logits, full.logits)
+    hit = engine.prefill(ids, ref, engine.config.with_(recompute_ratio=0.1))
+    assert hit.stats.hit and sum(hit.stats.rows_per_layer) + hit.stats.probe_rows < n * engine.num_layers
+    assert engine.planned_rows(n, 0, engine.config.with_(recompute_min_tokens=n)) > n * engine.num_layers
+    # recompute_ratio 1.0 stays the selective path (it is how exactness is checked)
+    assert engine.prefill(ids, ref, engine.config.with_(recompute_ratio=1.0)).stats.hit
