@@ -11,8 +11,10 @@ the entry the server would have registered before it:
   its reference has derivation depth i-1;
 * ``refresh``: ``serve_app`` with ``max_reuse_depth=cap, depth_cap_policy=refresh``: a
   link whose KV would be deeper than the cap registers an exact prefill (depth 0);
-* ``skip`` (the server's default policy): such a link registers nothing, so the next
-  link reuses the last entry that was registered (an older link, depth <= cap).
+* ``skip``: such a link registers nothing, so the next link reuses the last entry that
+  was registered (an older link, depth <= cap);
+* ``one_hit`` (the yardstick): link i reuses the exact KV of link i-1 (a full prefill's),
+  i.e. one hit on the same prompt with no chain behind it.
 
 Quality of each link's hit, teacher-forced on the full prefill's greedy continuation of
 ``steps`` tokens: top-1 agreement, perplexity ratio (hit / full) and first-token
@@ -33,7 +35,7 @@ from .metrics import ppl_ratio, quantile
 from .report import GATE
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("uncapped", "refresh", "skip")
+POLICIES = ("one_hit", "uncapped", "refresh", "skip")
 
 
 def link_gate(rows: list[dict]) -> dict:
@@ -56,7 +58,7 @@ def link_gate(rows: list[dict]) -> dict:
     return out
 
 
-def run_document(eng, doc: list[str], d: int, a, pool: list[str]) -> list[dict]:
+def run_document(eng, doc: list[str], d: int, a, pool: list[str], policies: tuple[str, ...] = POLICIES) -> list[dict]:
     from semshare_core.prompts import encode_text
 
     from . import dataset
@@ -67,7 +69,7 @@ def run_document(eng, doc: list[str], d: int, a, pool: list[str]) -> list[dict]:
         links.append(dataset.edit_sentences(links[-1], "replace", a.ratio, random.Random(f"{d}:{i}"), pool))
     ids = [encode_text(eng.tokenizer, dataset.build_prompt(s)) for s in links]
     first = eng.export_kv(eng.prefill(ids[0]))
-    ref = {p: (first, 0) for p in POLICIES}  # policy -> (entry it reuses, that entry's depth)
+    ref = {p: (first, 0) for p in policies}  # policy -> (entry it reuses, that entry's depth)
     rows = []
     for i in range(1, len(links)):
         full = eng.prefill(ids[i])
@@ -75,7 +77,7 @@ def run_document(eng, doc: list[str], d: int, a, pool: list[str]) -> list[dict]:
         cont, _, nll_full = teacher_force(eng, full, a.steps)
         row = {"length": a.length, "doc": d, "link": i, "tokens": int(ids[i].size)}
         done: dict[int, tuple] = {}  # id(reference) -> (result, exported) : policies sharing a reference share the hit
-        for policy in POLICIES:
+        for policy in policies:
             packed, depth = ref[policy]
             if id(packed) not in done:
                 hit = eng.prefill(ids[i], packed)
@@ -90,7 +92,9 @@ def run_document(eng, doc: list[str], d: int, a, pool: list[str]) -> list[dict]:
             res, exported, was_exact = done[id(packed)]
             row[policy] = res
             new_depth = 0 if was_exact else depth + 1
-            if policy == "uncapped" or new_depth <= a.cap:
+            if policy == "one_hit":
+                ref[policy] = (exact, 0)
+            elif policy == "uncapped" or new_depth <= a.cap:
                 ref[policy] = (exported, new_depth)
             elif policy == "refresh":
                 ref[policy] = (exact, 0)
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--config", default="{}", help="SemShareConfig overrides as JSON (default: the engine default)")
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--name", default="chain-quality-smollm2")
     p.add_argument("--out-dir", default=str(RESULTS))
     a = p.parse_args(argv)
@@ -132,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     for length in a.lengths:
         a.length = length
         for d, doc in enumerate(dataset.make_documents(a.docs, length, count, seed=11)):
-            rows += run_document(eng, doc, d, a, pool)
+            rows += run_document(eng, doc, d, a, pool, tuple(a.policies))
     summary = {str(length): {policy: {str(i): link_gate([r[policy] for r in rows
                                                           if r["length"] == length and r["link"] == i])
-                                      for i in range(1, a.links + 1)} for policy in POLICIES}
+                                      for i in range(1, a.links + 1)} for policy in a.policies}
                for length in a.lengths}
     cfg_desc = overrides or "engine default"
     out = {"config": {k: v for k, v in vars(a).items() if k != "length"}, "engine_config": cfg.to_dict(),
@@ -150,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
              "`ok` when all four one-hit thresholds hold (agreement median >= 0.95, p10 >= 0.90, first token >= 0.9, "
              "ppl <= 1.02).", ""]
     for length in a.lengths:
-        lines += [f"## ~{length} tokens", "", "| link | " + " | ".join(POLICIES) + " |",
-                  "| ---: |" + " --- |" * len(POLICIES)]
+        lines += [f"## ~{length} tokens", "", "| link | " + " | ".join(a.policies) + " |",
+                  "| ---: |" + " --- |" * len(a.policies)]
         for i in range(1, a.links + 1):
             cells = []
-            for policy in POLICIES:
+            for policy in a.policies:
                 s = summary[str(length)][policy][str(i)]
                 verdict = "ok" if not s["failed"] else "fails " + ", ".join(s["failed"])
                 cells.append(f"{s['agreement_median']:.3f} / {s['agreement_p10']:.3f}, {s['first_token']:.2f}, "

@@ -39,11 +39,16 @@ class SemShareConfig:
         that held every quality threshold in the project's selection/schedule sweep
         (SmolLM2, 1k and 2k tokens, prose and fact edits; docs/benchmarks.md).
         ``recompute_min_tokens``: no layer recomputes fewer rows than this (capped at the
-        prompt): short prompts keep enough fresh rows (default 256: at ~512 tokens the
-        share alone gave an agreement 10th percentile of 0.83 on one hit, the floor 0.97;
-        at 1k it lifts the deep layers from 5-10% to 25%; from ~5k tokens it never binds;
-        `benchmarks/results/chain-quality-*`). Unmatched
-        tokens and the last ``window`` tokens are always recomputed, inside the budget. ``deviation_tol``: a
+        prompt), so short prompts keep enough fresh rows (default 128: from ~2.6k tokens
+        the 5% floor is larger and it never binds). ``forced_in_budget``: whether the
+        forced rows count inside that budget (true) or come on top of it (false, the
+        default): a heavier edit then recomputes more instead of crowding out the
+        context-affected rows the deviation picks. Both were chosen on chains of 512- and
+        1k-token variants and a 1k/2k sweep (docs/benchmarks.md): forced rows inside the
+        budget gave a pooled agreement median of 0.94 (below the 0.95 mark), on top 0.97,
+        at 5.05x instead of 5.43x at 1k; the 128 floor costs another ~15% at 1k (4.28x).
+        Forced rows: unmatched tokens and the last ``window`` tokens, always recomputed.
+        ``deviation_tol``: a
         token whose next-layer K/V deviates from the reused K/V by less than this
         (relative L2) is not recomputed at all (unchanged context, e.g. a shared
         prefix: measured 0 in bf16 on SmolLM2, vs 0.005-0.01 after an edit); not
@@ -89,7 +94,7 @@ class SemShareConfig:
     recompute_ratio: float = 0.3
     recompute_decay: float = 0.9
     recompute_floor: float = 0.05
-    recompute_min_tokens: int = 256
+    recompute_min_tokens: int = 128
     forced_in_budget: bool = False
     deviation_tol: float = 1e-3
     attention_chunks: int = 0

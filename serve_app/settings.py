@@ -96,8 +96,10 @@ class AppArgs(BaseModel):
                                               "exceeds the least-loaded replica's by more than this")
     register_timeout_s: float = Field(10.0, gt=0, description="registration is awaited before the final event")
     max_reuse_depth: int = Field(2, ge=0, description="entries derived from approximate KV at most this deep")
-    depth_cap_policy: Literal["skip", "refresh"] = Field("skip", description="past max_reuse_depth: do not "
-                                                         "register, or register an exact prefill instead")
+    depth_cap_policy: Literal["skip", "refresh"] = Field("refresh", description="past max_reuse_depth: register "
+                                                         "an exact prefill instead (after decoding), or do not "
+                                                         "register (skip: the next variant reuses an older, "
+                                                         "more distant entry; lower quality along chains)")
     prefer_exact_margin: float = Field(0.02, ge=0, le=1, description="an exact entry this close in similarity "
                                        "beats an approximate one")
     # method

@@ -34,6 +34,7 @@ A_ARGS = {
     "fault_decode_delay_s": 0.05,
     "affinity_imbalance_threshold": 1,
     "max_reuse_depth": 2,
+    "depth_cap_policy": "skip",  # the chain test checks skip; refresh is the explicit-store_key path below
     "api_keys_env": None,
     "admin_keys_env": None,
 }
