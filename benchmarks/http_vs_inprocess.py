@@ -55,13 +55,9 @@ ACCEPT = 0.85  # HTTP ratio / in-process ratio at least this (within 15%)
 
 def round_orders(seed: int, rounds: int) -> list[list[str]]:
     """The order of the four measurements in each round (seeded, reproducible)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(rounds):
-        order = list(MEASURES)
-        rng.shuffle(order)
-        out.append(order)
-    return out
+    from .runner import round_orders as shuffled
+
+    return shuffled(list(MEASURES), rounds, random.Random(seed))
 
 
 def spread(xs: list[float]) -> dict:
