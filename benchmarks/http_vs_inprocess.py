@@ -21,7 +21,7 @@ all four alike):
 * ``http_full``: the variant with reuse off (``use_semshare: false``);
 * ``http_hit``: the variant with reuse on; it must be a hit on the document's hot copy
   (``cache_hit``, ``cache_tier == "hot"``, ``ref_key`` = the document's key; asserted and
-  recorded). The server runs with ``max_reuse_depth: 0`` so the variant itself is never
+  recorded). The server runs with ``max_reuse_depth: 0``, ``depth_cap_policy: skip`` so the variant itself is never
   registered: every round's hit reuses the document, as in-process.
 
 HTTP TTFT is the ingress's (request in -> first token out: tokenize, lookup, routing,
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # one source of truth for both sides: the derived config's app args
     cfg = derived_config(a.config, out_dir, 1, None, None, a.port,
-                         extra={"torch_threads": a.threads, "max_reuse_depth": 0})
+                         extra={"torch_threads": a.threads, "max_reuse_depth": 0, "depth_cap_policy": "skip"})
     app_args = yaml.safe_load(Path(cfg).read_text())["applications"][0]["args"]
     args = resolve_args(app_args)
     torch.set_num_threads(a.threads)
