@@ -164,6 +164,13 @@ class SemShareConfig:
         ``ceil(recompute_share(layer) * n)``, at least ``recompute_min_tokens``, at most ``n``."""
         return min(n, max(math.ceil(self.recompute_share(layer) * n), self.recompute_min_tokens))
 
+    def layer_budget(self, layer: int, n: int, forced: int) -> int:
+        """Rows recomputed at decoder layer ``layer`` (>= 1) of an ``n``-token hit with
+        ``forced`` must-recompute rows: :meth:`recompute_rows` plus the forced rows
+        (``forced_in_budget`` false), or at least the forced rows (true); at most ``n``."""
+        share = self.recompute_rows(layer, n)
+        return min(n, max(share, forced) if self.forced_in_budget else share + forced)
+
     def retention_share(self, layer: int, num_layers: int) -> float:
         """Budget (share of prompt tokens) the pruned cache keeps at ``layer``."""
         if self.retention >= 1.0 or num_layers <= 1:

@@ -181,11 +181,8 @@ class SemShareEngine:
         """Rows a hit with ``forced`` must-recompute rows (unmatched + last window) would
         compute at most, summed over layers, the layer-1 probe included (a full prefill: ``n * L``)."""
         L = self.num_layers
-        rows = n + (n if L > 1 else 0)  # layer 0 on every token, the probe
-        for l in range(1, L):
-            share = cfg.recompute_rows(l, n)
-            rows += min(n, share + forced if not cfg.forced_in_budget else max(share, forced))
-        return rows
+        probe = n if L > 1 else 0
+        return n + probe + sum(cfg.layer_budget(l, n, forced) for l in range(1, L))  # + layer 0 on every token
 
     def _replay(self, ids: np.ndarray, reference: PackedKV, reference_kv: torch.Tensor | None) -> PrefillResult:
         """Identical prompt, exact reference: its KV and first-token logits, no prefill.

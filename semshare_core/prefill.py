@@ -250,7 +250,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
     cos, sin = base.rotary_emb(hidden, positions[None])
     forced_all = must_recompute.to(dev).clone()
     forced_all[max(0, n - cfg.window):] = True
-    extra = 0 if cfg.forced_in_budget else int(forced_all.sum())  # forced rows on top of the share
+    n_forced = int(forced_all.sum())
     everything = cfg.recompute_ratio >= 1.0
     rule = cfg.selection
     rows = positions
@@ -269,7 +269,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
         feed.stage(0)
         feed.stage(1)
         for l, layer in enumerate(layers):
-            k = min(n, cfg.recompute_rows(l + 1, n) + extra) if l + 1 < L else 0
+            k = cfg.layer_budget(l + 1, n, n_forced) if l + 1 < L else 0
             shrink_by_deviation = l >= 1 and rule == "deviation" and k < rows.numel()
             cache.rows, cache.full = rows, rows.numel() == n
             cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)

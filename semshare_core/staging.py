@@ -103,6 +103,13 @@ class PinnedSlots:
         self.pin = self.device.type == "cuda" if pin is None else pin
         self.slots: list[torch.Tensor | None] = [None] * count
         self.events: list = [None] * count  # CUDA event of the last copy out of each slot
+        self._stream = None
+
+    def copy_stream(self):
+        """The side stream the layer copies run on (CUDA), created once and kept."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -163,7 +170,7 @@ class LayerFeed:
         self.rotated = [False] * L
         self.stream = None
         if self.asynchronous:
-            self.stream = torch.cuda.Stream(device=self.device)
+            self.stream = slots.copy_stream()
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def stage(self, layer: int) -> None:
