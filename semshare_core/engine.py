@@ -84,7 +84,8 @@ class PrefillResult:
     stats: PrefillStats
     mapping: TokenMapping | None = None
     explicit_positions: bool = False
-    exact: bool = False  # keys/values/logits are exactly a full prefill's (export keeps the logits)
+    exact: bool = False  # keys/values/logits are exactly a full prefill's
+    kept: list[torch.Tensor] | None = None  # pruned: the positions each layer of ``cache`` holds
 
     def release_full_kv(self) -> None:
         """Drop the references to the prompt's full KV (``keys``/``values``).
@@ -152,24 +153,62 @@ class SemShareEngine:
         ``[L, 2, H, m, D]`` (e.g. a hot entry kept on the GPU): the gather then runs there
         instead of on the host copy.
         """
+        steps = self.prefill_steps(ids, reference, config, reference_kv)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, ids: np.ndarray, reference: PackedKV | None = None,
+                      config: SemShareConfig | None = None, reference_kv: torch.Tensor | None = None,
+                      chunk: int | None = None) -> Iterator[int]:
+        """:meth:`prefill` in units of work, for a scheduler that interleaves them with decode steps.
+
+        A generator: between two units it yields the number of prompt tokens the unit
+        processed (the caller may run other work then); it returns the
+        :class:`PrefillResult` after the last unit. A full prefill runs in chunks of
+        ``chunk`` tokens (``None``: one chunk) through ``model.forward`` on one
+        ``DynamicCache``, as ``generate`` does with ``prefill_chunk_size``; a hit or a
+        replay is one unit.
+        """
         cfg = config or self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("empty prompt")
-        with self.lock, torch.inference_mode():
-            if reference is not None and ids.size >= cfg.min_reuse_tokens and reference.seq_len > 0:
+        if reference is not None and ids.size >= cfg.min_reuse_tokens and reference.seq_len > 0:
+            with self.lock, torch.inference_mode():
                 self.signature.check(reference.signature)
                 if (cfg.replay_exact and reference.last_logits is not None
                         and np.array_equal(reference.token_ids, ids)):
-                    return self._replay(ids, reference, reference_kv)
-                return self._prefill_hit(ids, reference, cfg, reference_kv)
-            return self._full(ids)
+                    res = self._replay(ids, reference, reference_kv)
+                else:
+                    res = self._prefill_hit(ids, reference, cfg, reference_kv)
+            return res
+        if chunk is None or chunk >= ids.size:
+            with self.lock, torch.inference_mode():
+                return self._full(ids)
+        cache, ms = DynamicCache(config=self.model.config), 0.0
+        t = torch.from_numpy(ids)
+        logits = None
+        for a in range(0, int(ids.size), chunk):
+            b = min(int(ids.size), a + chunk)
+            with self.lock, torch.inference_mode():
+                t0 = time.perf_counter()
+                logits, cache = full_prefill(self.model, t[a:b], cache)
+                ms += (time.perf_counter() - t0) * 1e3
+            if b < ids.size:
+                yield b - a
+        return self._full_result(ids, logits, cache, ms)
 
     def _full(self, ids: np.ndarray, mapping_ms: float = 0.0) -> PrefillResult:
         """A plain full prefill (``model.forward``, exactly what ``generate`` does)."""
         t0 = time.perf_counter()
         logits, cache = full_prefill(self.model, torch.from_numpy(ids))
-        ms = (time.perf_counter() - t0) * 1e3
+        return self._full_result(ids, logits, cache, (time.perf_counter() - t0) * 1e3, mapping_ms)
+
+    def _full_result(self, ids: np.ndarray, logits: torch.Tensor, cache, ms: float,
+                     mapping_ms: float = 0.0) -> PrefillResult:
         n = int(ids.size)
         stats = PrefillStats(prompt_tokens=n, recomputed_tokens=n, rows_per_layer=[n] * self.num_layers,
                              retained_per_layer=[n] * self.num_layers, mapping_ms=mapping_ms, prefill_ms=ms)
@@ -185,10 +224,11 @@ class SemShareEngine:
         return n + probe + sum(cfg.layer_budget(l, n, forced) for l in range(1, L))  # + layer 0 on every token
 
     def _replay(self, ids: np.ndarray, reference: PackedKV, reference_kv: torch.Tensor | None) -> PrefillResult:
-        """Identical prompt, exact reference: its KV and first-token logits, no prefill.
+        """Identical prompt: the reference's KV and first-token logits, no prefill.
 
-        Decoding then runs through ``model.forward`` on a cache holding exactly what a
-        full prefill computes, so the output equals a full prefill's.
+        With an exact reference (a full prefill's) decoding runs on a cache holding exactly
+        what a full prefill computes, so the output equals a full prefill's; with a hit's
+        KV it reproduces that hit's answer (and the result is not ``exact``).
         """
         t0 = self._clock()
         kv = (reference_kv if reference_kv is not None else reference.to_torch("cpu")).to(self.device, self.dtype)
@@ -202,7 +242,7 @@ class SemShareEngine:
         stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n, recomputed_tokens=0, rows_per_layer=[0] * L,
                              retained_per_layer=[n] * L, mapping={"exact_span": n, "exact_token": 0, "fuzzy": 0, "none": 0},
                              gather_ms=(self._clock() - t0) * 1e3)
-        return PrefillResult(ids, logits, cache, keys, values, stats, exact=True)
+        return PrefillResult(ids, logits, cache, keys, values, stats, exact=bool(getattr(reference, "exact", True)))
 
     def _embed(self, ids: np.ndarray) -> torch.Tensor:
         """E-cache rows of ``ids`` ``[k]``: float32 ``[k, hidden]`` on the CPU."""
@@ -318,7 +358,8 @@ class SemShareEngine:
                              retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
                              mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
                              prefill_ms=(t3 - t2) * 1e3, staging=feed.staging)
-        return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True)
+        return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True,
+                             kept=kept)
 
     # decode ----------------------------------------------------------------------
     def decode(self, pre: PrefillResult, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -353,13 +394,25 @@ class SemShareEngine:
 
     # registration ----------------------------------------------------------------
     def export_kv(self, pre: PrefillResult) -> PackedKV:
-        """The prompt's full KV (before pruning), packed for the index.
+        """The prompt's full KV (before pruning) and first-token logits, packed for the index.
 
-        Exact results (full prefill, replay) also carry their first-token logits.
+        ``exact`` says whether they are a full prefill's (an identical prompt's replay of a
+        hit's entry reproduces that hit's answer, and its derivation depth does not grow).
         Call before the second token is requested from :meth:`decode`: its first decode
         step changes the cache and releases these tensors.
         """
         if not pre.keys:
             raise RuntimeError("export_kv after decoding began: the prompt's full KV was already released")
-        return PackedKV.from_layers(list(zip(pre.keys, pre.values)), pre.ids, self.signature,
-                                    pre.logits if pre.exact else None)
+        return PackedKV.from_layers(list(zip(pre.keys, pre.values)), pre.ids, self.signature, pre.logits,
+                                    exact=pre.exact)
+
+    def decode_state(self, pre: PrefillResult, extra_rows: int = 64):
+        """The prefill's decode cache copied into a :class:`~semshare_core.batch.SeqKV` for
+        batched decoding (:func:`semshare_core.batch.batch_step`); ``pre.cache`` is dropped,
+        ``pre.keys``/``pre.values`` (the export source) stay untouched."""
+        from .batch import SeqKV
+
+        with torch.inference_mode():
+            state = SeqKV.from_cache(pre.cache, int(pre.ids.size), pre.kept, extra_rows)
+        pre.cache = None
+        return state

@@ -90,9 +90,11 @@ class ModelSignature:
 class PackedKV:
     """KV of one prompt. ``data``: ``[layers, 2, kv_heads, seq, head_dim]``; ``token_ids``: int64 ``[seq]``.
 
-    ``last_logits``: float32 ``[vocab]``, the first-token logits, present only when ``data``
-    is exactly what a full prefill of ``token_ids`` computes: an identical prompt can then
-    be answered by replaying it (no prefill, same output as a full prefill).
+    ``last_logits``: float32 ``[vocab]``, the first-token logits that go with ``data``: an
+    identical prompt is answered by replaying them (no prefill). ``exact``: ``data`` and
+    ``last_logits`` are exactly what a full prefill of ``token_ids`` computes (a replay
+    then equals a full prefill); False for the KV of a semantic hit (a replay then
+    reproduces that hit's answer).
     """
 
     data: np.ndarray
@@ -100,6 +102,7 @@ class PackedKV:
     token_ids: np.ndarray
     signature: ModelSignature
     last_logits: np.ndarray | None = None
+    exact: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,15 +132,15 @@ class PackedKV:
 
     @classmethod
     def from_layers(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], token_ids, signature: ModelSignature,
-                    last_logits: torch.Tensor | None = None) -> "PackedKV":
-        """Pack per-layer ``(K, V)``, each ``[1, kv_heads, seq, head_dim]`` (+ exact first-token logits)."""
+                    last_logits: torch.Tensor | None = None, exact: bool = True) -> "PackedKV":
+        """Pack per-layer ``(K, V)``, each ``[1, kv_heads, seq, head_dim]`` (+ first-token logits)."""
         stacked = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
         name = next(k for k, v in _TORCH_DTYPES.items() if v == stacked.dtype)
         t = stacked.detach().cpu().contiguous()
         arr = t.view(torch.uint16).numpy() if name == "bfloat16" else t.numpy()
         logits = None if last_logits is None else last_logits.detach().float().cpu().numpy().copy()
         return cls(np.ascontiguousarray(arr), name, np.asarray(token_ids, dtype=np.int64).reshape(-1).copy(), signature,
-                   logits)
+                   logits, bool(exact))
 
     def to_torch(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """``[layers, 2, kv_heads, seq, head_dim]`` tensor (shares memory on CPU when it can)."""
@@ -151,7 +154,7 @@ class PackedKV:
     # wire format ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         header = json.dumps({"dtype": self.dtype, "seq": self.seq_len, "signature": asdict(self.signature),
-                             "logits": self.last_logits is not None}).encode()
+                             "logits": self.last_logits is not None, "exact": bool(self.exact)}).encode()
         logits = b"" if self.last_logits is None else self.last_logits.astype("<f4").tobytes()
         payload = self.token_ids.astype("<i8").tobytes() + logits + np.ascontiguousarray(self.data).tobytes()
         body = struct.pack("<I", len(header)) + header + payload
@@ -185,7 +188,7 @@ class PackedKV:
             if len(rest) != need:
                 raise KVFormatError(f"payload has {len(rest)} bytes, expected {need}")
             data = np.frombuffer(rest, dtype=npdt).reshape(shape)
-            return cls(data, dtype, ids, sig, logits)
+            return cls(data, dtype, ids, sig, logits, bool(header.get("exact", True)))
         except KVFormatError:
             raise
         except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -310,11 +310,13 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
 
 
 @torch.no_grad()
-def full_prefill(model: torch.nn.Module, ids: torch.Tensor):
-    """Exactly what ``generate`` does for the prompt: returns ``(logits float32 [vocab], DynamicCache)``."""
+def full_prefill(model: torch.nn.Module, ids: torch.Tensor, cache=None):
+    """Exactly what ``generate`` does for the prompt: returns ``(logits float32 [vocab], DynamicCache)``.
+
+    With ``cache`` (holding the prompt's earlier tokens) ``ids`` is the next chunk."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     out = model(input_ids=ids.reshape(1, -1).to(model.device), use_cache=True, logits_to_keep=1,
                 **{cache_kwarg(model.forward): cache})
     return out.logits[0, -1].float(), cache

@@ -85,7 +85,7 @@ class KVIndex:
         """Store ``packed`` (this actor becomes the object's owner). Returns what happened.
 
         ``depth``: derivation depth of the KV (0: full prefill); ``exact``: defaults to
-        whether it carries first-token logits (only exact exports do); ``hot_replica``:
+        the packed KV's own flag (with first-token logits); ``hot_replica``:
         the registering replica keeps a hot copy under ``uid``.
         """
         if not isinstance(packed, PackedKV):
@@ -96,7 +96,7 @@ class KVIndex:
             self.counters["rejected"] += 1
             return {"key": key, "stored": False, "reason": "larger than the byte cap", "nbytes": nbytes,
                     "evicted": []}
-        exact = (packed.last_logits is not None) if exact is None else bool(exact)
+        exact = (packed.last_logits is not None and getattr(packed, "exact", True)) if exact is None else bool(exact)
         ref = ray.put(packed)
         del packed
         old = self.index.get(key)

@@ -421,7 +421,12 @@ class Ingress:
                 self.counters["replica_retries"] = self.counters.get("replica_retries", 0) + 1
                 logger.warning("replica failed before the first event (%s): retrying on another", e.message)
         if first.get("type") == "error":
-            raise APIError(first.get("status", 400), first.get("message", "bad request"),
+            status = first.get("status", 400)
+            if status == 503:  # the replica's scheduler is full: retry shortly
+                self.counters["overloaded"] += 1
+                raise APIError(503, first.get("message", "server overloaded"), first.get("error_type", "overloaded"),
+                               code="queue_full", headers=self.guard.retry_headers())
+            raise APIError(status, first.get("message", "bad request"),
                            first.get("error_type", "invalid_request_error"), param="prompt")
         return gen, first
 

@@ -10,13 +10,22 @@ Per request (``generate``, an async generator of events, :mod:`serve_app.protoco
    tokenize, fingerprint or look up again, except for an untokenized request);
 2. get the reference KV ready (:class:`serve_app.reuse.ReusePath`): from the
    replica-local hot tier, or fetched from the object store, checked, converted and
-   kept hot; any failure is a full prefill (counted, the entry reported);
-3. ``engine.prefill(ids, reference, reference_kv=)`` in a worker thread;
-4. right after the prefill the prompt's KV is exported in a worker thread (finished
-   before the second decode step can touch the cache) and registered while decoding
-   runs; the registration is awaited before the final ``done`` event, so a
-   ``store_key`` in a response is found by the next lookup (read-your-writes);
-5. decode step by step in a worker thread, yielding text deltas.
+   kept hot; any failure is a full prefill (counted, the entry reported if it is bad);
+3. submit it to the replica's :class:`~semshare_core.scheduler.Scheduler`: one engine
+   thread owns the model, admits requests within the budgets (``max_running``,
+   ``max_step_tokens``, ``kv_budget_bytes``), prefills (a hit, a replay, or a full
+   prefill in chunks) and runs ONE batched decode step for every running request.
+   Events come back through an asyncio queue (``loop.call_soon_threadsafe``); no lock
+   is held across requests, and a long prefill stalls decodes by at most a chunk;
+4. once prefilled, the prompt's KV is exported in a worker thread (the decode runs on
+   its own copy, so nothing waits for it) and registered while decoding runs; the
+   registration is awaited before the final ``done`` event, so a ``store_key`` in a
+   response is found by the next lookup (read-your-writes). Past the depth cap an exact
+   re-prefill is registered after the response (awaited only for an explicit
+   ``store_key``);
+5. stream text deltas: tokens that piled up while the client read are sent as one
+   event (``stream_interval_ms`` groups them on purpose); a disconnect, a timeout or a
+   stop string cancels the request, freeing its slot and KV at the next step.
 
 Events: ``error`` (client mistakes, sent instead of raising so the ingress can map them
 to 4xx), ``token`` and a final ``done`` with usage, cache and timing facts.
@@ -34,6 +43,7 @@ from ray import serve
 from ray.serve import metrics
 
 from semshare_core import SemShareEngine
+from semshare_core.scheduler import GenParams, Request as SchedRequest, RequestRefused, Scheduler
 
 from .detokenize import IncrementalDetokenizer
 from .front import tokenizer_digest
@@ -103,8 +113,11 @@ class SemShareServer:
         self.counters = {"requests": 0, "hits": 0, "hot_hits": 0, "cold_hits": 0, "misses": 0, "reuse_off": 0,
                          "index_unavailable": 0, "lost_objects": 0, "kv_mismatch": 0, "kv_corrupt": 0,
                          "reuse_error": 0, "registered": 0, "register_errors": 0, "active": 0,
-                         "replica_lookups": 0}
+                         "replica_lookups": 0, "refused": 0}
         self.reuse = ReusePath(self.engine, self.args, self.replica, self.index, self._fallback)
+        self.scheduler = Scheduler(self.engine, self.args.scheduler_config(self.engine.device))
+        self.scheduler.start()
+        self._metrics_task = None
         self.m_requests = metrics.Counter("semshare_requests", description="generation requests",
                                           tag_keys=("outcome",))
         self.m_hits = metrics.Counter("semshare_cache_hits", description="requests that reused a cached KV",
@@ -114,6 +127,15 @@ class SemShareServer:
                                            description="reuse attempts that fell back to a full prefill")
         self.m_ttft = metrics.Histogram("semshare_ttft_ms", description="time to first token (replica side)",
                                         boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000])
+        self.m_running = metrics.Gauge("semshare_running_requests", description="requests admitted by the "
+                                       "scheduler (prefilling or decoding)")
+        self.m_waiting = metrics.Gauge("semshare_waiting_requests", description="requests waiting for admission")
+        self.m_kv = metrics.Gauge("semshare_kv_bytes", description="KV bytes held by admitted requests")
+        self.m_batch = metrics.Histogram("semshare_decode_batch_size", description="requests per decode step",
+                                         boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.m_step = metrics.Histogram("semshare_step_ms", description="scheduler step time (prefill work + "
+                                        "one batched decode)", boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500])
+        self.m_tokens = metrics.Counter("semshare_generated_tokens", description="tokens decoded (rate: tokens/s)")
         self.m_index_bytes = metrics.Gauge("semshare_index_bytes", description="KV bytes held by the index")
         self.m_hot_bytes = metrics.Gauge("semshare_hot_tier_bytes", description="replica-local hot KV bytes")
         logger.info("SemShareServer %s loaded %s in %.1fs (hot tier %d bytes)", self.replica, self.model_name,
@@ -176,14 +198,47 @@ class SemShareServer:
         if not use:
             ref = None
 
-        # reference -> prefill
+        # reference -> the scheduler (prefill, then batched decode on the engine thread)
         ready = None
         if ref is not None:
             ready, fb = await self.reuse.acquire(ref)
             fallback = fallback or fb
-        pre, fb = await self.reuse.prefill(ids, ready)
-        if fb:
-            fallback, ready = fb, None
+        s = req.sampling.normalized()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        sreq = SchedRequest(ids, GenParams(s.max_new_tokens, s.temperature, s.top_p, s.seed, s.stop_on_eos),
+                            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                            reference=ready.packed if ready else None, reference_kv=ready.kv if ready else None)
+        self._ensure_metrics_task()
+        try:
+            self.scheduler.submit(sreq)
+        except RequestRefused as e:
+            self.counters["refused"] += 1
+            yield error_event(ClientError(str(e), 503 if e.retryable else 400,
+                                          "overloaded" if e.retryable else "context_length_exceeded"))
+            return
+        finished = False
+        try:
+            async for ev in self._stream(req, sreq, events, ids, vec, ref, ready, fallback, use, t0, t_lookup):
+                yield ev
+            finished = True
+        finally:
+            if not finished:  # client gone, timeout or error: free the slot and KV at the next step
+                self.scheduler.cancel(sreq.id)
+
+    async def _stream(self, req: ReplicaRequest, sreq, events: asyncio.Queue, ids, vec, ref, ready, fallback, use,
+                      t0: float, t_lookup: float) -> AsyncIterator[dict]:
+        kind, pre = await events.get()
+        if kind == "error":
+            if isinstance(pre, (RequestRefused, MemoryError, torch.OutOfMemoryError)):  # retryable: 503
+                logger.warning("request refused before its prefill: %s: %s", type(pre).__name__, pre)
+                yield error_event(ClientError(f"server busy ({type(pre).__name__}), retry later", 503, "overloaded"))
+                return
+            raise pre
+        if kind != "prefilled":
+            raise RuntimeError(f"scheduler sent {kind!r} before the prefill")
+        if sreq.reuse_error is not None and ready is not None:
+            fallback, ready = self.reuse.reuse_failed(ready, sreq.reuse_error), None
         if ref is not None:
             ref.refs.clear()  # stop borrowing the object as soon as the prefill is done
         stats = pre.stats
@@ -216,54 +271,71 @@ class SemShareServer:
         if register:
             public = store_key or uuid.uuid4().hex
             if not refresh:
-                export = self.reuse.start_export(pre)
+                export = self.reuse.start_export(pre)  # the decode works on its own copy of the KV
         elif same_as_ref:
             public, depth = public_key(ref.key), ref.depth
         else:
             depth = None
+        if export is None:
+            pre.release_full_kv()
         reg_task = None
         key = internal_key(req.tenant, public) if register else None
         if export is not None:
             reg_task = self.reuse.spawn(self.reuse.register(key, vec, ids, req.tenant, depth, export))
+        del pre
 
-        s = req.sampling.normalized()
-        it = self.engine.decode(pre, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                seed=s.seed, stop_on_eos=s.stop_on_eos)
         text = IncrementalDetokenizer(self.engine.tokenizer)  # linear in the output (TextStream re-decodes)
-        stops = StopMatcher(list(s.stop))
-        ttft_ms, n_out, last, finish, export_wait = None, 0, None, None, 0.0
-        delay = self.args.fault_decode_delay_s
-        while True:
-            if delay and n_out:
-                await asyncio.sleep(delay)  # fault injection: a slow replica
-            if n_out == 1 and export is not None and not export.done():
-                tw = time.perf_counter()  # the next step mutates the cache: the export must be done
-                await asyncio.wait([export])
-                export_wait = (time.perf_counter() - tw) * 1e3
-            tok = await asyncio.to_thread(next, it, _END)
-            if tok is _END:
-                break
-            n_out += 1
-            last = tok
+        stops = StopMatcher(list(req.sampling.normalized().stop))
+        ttft_ms, n_out, last, finish = None, 0, None, None
+        interval = self.args.stream_interval_ms / 1e3
+        last_yield = 0.0
+        while finish is None:
+            batch = [await events.get()]
+            if interval and n_out and batch[0][0] == "token":  # group tokens: fewer stream items
+                wait = last_yield + interval - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            while not events.empty():
+                batch.append(events.get_nowait())
+            toks = []
+            for kind, val in batch:
+                if kind == "token":
+                    toks.append(val)
+                elif kind == "finished":
+                    finish = "stop" if val == "stop" else ("length" if val == "length" else val)
+                elif kind == "error":
+                    raise val
+            if not toks:
+                continue
+            piece = "".join(text.push(t) for t in toks)
+            first = n_out == 0
+            n_out += len(toks)
+            last = toks[-1]
             if ttft_ms is None:
                 ttft_ms = (time.perf_counter() - t0) * 1e3
                 self.m_ttft.observe(ttft_ms)
-            yield token_event(tok, stops.feed(text.push(tok)), self.replica if n_out == 1 else None)
+            yield token_event(last, stops.feed(piece), self.replica if first else None, toks)
+            last_yield = time.perf_counter()
             if stops.stopped:
                 finish = "stop"
-                break
+                self.scheduler.cancel(sreq.id)  # a stop string: free the slot now
         if not stops.stopped:
             tail = stops.feed(text.flush()) + stops.flush()
             if tail:
                 yield token_event(None, tail)
-        if finish is None:
-            finish = "stop" if (stops.stopped or (last is not None and last in self.engine.eos_ids)) else "length"
+        if finish not in ("stop", "length"):
+            finish = "stop" if (last is not None and last in self.engine.eos_ids) else "length"
 
-        # read-your-writes: the entry is in the index before the response names it
+        # read-your-writes: the entry is in the index before the response names it. A
+        # refresh (an exact re-prefill past the depth cap) is awaited only for an explicit
+        # store_key; otherwise it runs after the response, which never waits for it.
         t_reg = time.perf_counter()
         reg = None
-        if refresh:
-            reg = await self.reuse.register_exact(key, vec, ids, req.tenant)
+        if refresh and store_key is not None:
+            reg = await self._register_exact(key, vec, ids, req.tenant)
+        elif refresh:
+            self.reuse.spawn(self._register_exact(key, vec, ids, req.tenant))
+            public, depth = None, None
         elif reg_task is not None:
             reg = await asyncio.shield(reg_task)
         reg_wait = (time.perf_counter() - t_reg) * 1e3
@@ -276,11 +348,13 @@ class SemShareServer:
                 public, depth = None, None
         self.m_hot_bytes.set(self.reuse.hot.nbytes)
         timing = {"replica_ttft_ms": round(ttft_ms or 0.0, 3), "lookup_ms": round(t_lookup, 3),
+                  "queue_ms": round(((sreq.first_token_at or t0) - sreq.submitted_at) * 1e3
+                                    - stats.prefill_ms - stats.gather_ms - stats.mapping_ms, 3),
                   "kv_fetch_ms": round(ready.fetch_ms if ready else 0.0, 3),
                   "kv_check_ms": round(ready.check_ms if ready else 0.0, 3),
                   "kv_convert_ms": round(ready.convert_ms if ready else 0.0, 3),
                   "prefill_ms": round(stats.prefill_ms, 3), "mapping_ms": round(stats.mapping_ms, 3),
-                  "gather_ms": round(stats.gather_ms, 3), "export_wait_ms": round(export_wait, 3),
+                  "gather_ms": round(stats.gather_ms, 3), "export_wait_ms": 0.0,
                   "register_ms": round(reg["register_ms"], 3) if reg else None,
                   "register_wait_ms": round(reg_wait, 3),
                   "replica_total_ms": round((time.perf_counter() - t0) * 1e3, 3)}
@@ -295,6 +369,59 @@ class SemShareServer:
                    "recomputed_tokens": int(stats.recomputed_tokens) if hit else int(ids.size)},
             timing=timing)
 
+    async def _register_exact(self, key: str, vec, ids, tenant: str) -> dict:
+        """Past the depth cap: a full prefill's KV is registered instead (depth 0), prefilled
+        by the scheduler like any request (prefill only)."""
+        self.reuse.counters["refreshed_exact"] += 1
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future = loop.create_future()
+
+        def sink(ev):
+            def put():
+                if not got.done():
+                    if ev[0] == "prefilled":
+                        got.set_result(ev[1])
+                    elif ev[0] == "error":
+                        got.set_exception(ev[1])
+            loop.call_soon_threadsafe(put)
+
+        try:
+            self.scheduler.submit(SchedRequest(ids, GenParams(max_new_tokens=0), sink))
+            pre = await got
+        except Exception as e:  # noqa: BLE001 - the index is an optimisation
+            logger.warning("exact refresh of %s failed: %s: %s", key, type(e).__name__, e)
+            return {"key": key, "stored": False, "reason": type(e).__name__, "register_ms": 0.0}
+        return await self.reuse.register(key, vec, ids, tenant, 0, self.reuse.start_export(pre))
+
+    # metrics -------------------------------------------------------------------------
+    def _ensure_metrics_task(self) -> None:
+        if self._metrics_task is None or self._metrics_task.done():
+            self._metrics_task = asyncio.get_running_loop().create_task(self._flush_metrics())
+
+    async def _flush_metrics(self) -> None:
+        """Every second: the scheduler's step records into Serve metrics (the engine thread
+        never calls the metrics client)."""
+        seen = 0
+        while not self._closing:
+            await asyncio.sleep(1.0)
+            try:
+                steps = self.scheduler.counters["steps"]
+                new = min(steps - seen, len(self.scheduler.history))
+                recs = list(self.scheduler.history)[-new:] if new > 0 else []
+                seen = steps
+                for r in recs:
+                    if r.batch:
+                        self.m_batch.observe(r.batch)
+                    self.m_step.observe(r.ms)
+                    if r.decoded:
+                        self.m_tokens.inc(r.decoded)
+                st = self.scheduler.stats()
+                self.m_running.set(st["running"] + st["prefilling"])
+                self.m_waiting.set(st["waiting"])
+                self.m_kv.set(st["kv_bytes"])
+            except Exception as e:  # noqa: BLE001 - metrics must never break serving
+                logger.info("metrics flush failed: %s", e)
+
     # ops -----------------------------------------------------------------------------
     async def model_signature(self) -> str:
         """Digest of the model signature (the default index namespace is derived from it)."""
@@ -303,7 +430,8 @@ class SemShareServer:
     async def info(self) -> dict:
         return {"replica": self.replica, "replica_actor_name": self.replica_actor_name, "model": self.model_name,
                 "load_s": round(self.load_s, 3), "counters": dict(self.counters), "reuse": self.reuse.stats(),
-                "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict()}
+                "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict(),
+                "scheduler": self.scheduler.stats()}
 
     def record_routing_stats(self) -> dict:
         """Shipped to routers (``replica.routing_stats``): the hot tier's fill."""
@@ -314,6 +442,9 @@ class SemShareServer:
             raise RuntimeError("replica is shutting down")
         if self.engine is None:
             raise RuntimeError("engine not loaded")
+        thread = self.scheduler._thread
+        if thread is None or not thread.is_alive():
+            raise RuntimeError("the engine thread is not running")
 
     async def __del__(self):
         """Graceful shutdown: let in-flight registrations finish (bounded), then release."""
@@ -322,6 +453,7 @@ class SemShareServer:
         if pending:
             logger.info("SemShareServer %s: waiting for %d registration(s)", self.replica, len(pending))
             await asyncio.wait(pending, timeout=10)
+        await asyncio.to_thread(self.scheduler.stop)
 
 
 LLMServer = SemShareServer  # old name (collides with ray.serve.llm.LLMServer: prefer SemShareServer)

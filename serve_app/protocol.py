@@ -142,7 +142,8 @@ class ErrorEvent(TypedDict):
 
 class TokenEvent(TypedDict, total=False):
     type: Literal["token"]
-    id: Optional[int]
+    id: Optional[int]  # the last token of the event
+    ids: list[int]     # every token of the event (several when the client reads slower than the model)
     text: str
     replica: str  # first token only
 
@@ -170,8 +171,11 @@ def error_event(e: ClientError) -> ErrorEvent:
     return {"type": "error", "status": e.status, "message": str(e), "error_type": e.error_type}
 
 
-def token_event(tok: Optional[int], text: str, replica: Optional[str] = None) -> TokenEvent:
+def token_event(tok: Optional[int], text: str, replica: Optional[str] = None,
+                ids: Optional[list[int]] = None) -> TokenEvent:
     ev: TokenEvent = {"type": "token", "id": tok, "text": text}
+    if ids is not None:
+        ev["ids"] = list(ids)
     if replica is not None:
         ev["replica"] = replica
     return ev

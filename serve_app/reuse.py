@@ -12,9 +12,10 @@
     (:func:`serve_app.kvcheck.load_reference`), convert it to the device and keep it
     hot (the index learns this replica holds it: the router will prefer it).
 
-  A lost / corrupt / foreign object, or an engine failure on it, is a full prefill,
-  and the entry is reported to the index (dropped there, and from the hot tier), so
-  later requests stop fetching it.
+  A lost / corrupt / foreign object is a full prefill, and the entry is reported to the
+  index (dropped there, and from the hot tier), so later requests stop fetching it. An
+  engine failure on a well-formed entry (out of memory, ...) is a full prefill too, but
+  the entry stays (:meth:`ReusePath.reuse_failed`).
 
   Registration (:meth:`ReusePath.register`) starts right after the prefill, in a worker
   thread, while decoding runs; the replica awaits it before its final event, so a
@@ -261,24 +262,20 @@ class ReusePath:
         nbytes = packed.nbytes if kv.device.type == "cpu" else kv.numel() * kv.element_size()
         return self.hot.put(HotEntry(uid, key, packed, kv, int(nbytes), int(depth), bool(exact)))
 
-    # prefill -------------------------------------------------------------------------
-    async def prefill(self, ids: np.ndarray, ready: Optional[Ready]):
-        """``(PrefillResult, fallback_reason | None)``: a failing reuse is a full prefill."""
-        if ready is None:
-            return await asyncio.to_thread(self.engine.prefill, ids, None), None
-        try:
-            pre = await asyncio.to_thread(self.engine.prefill, ids, ready.packed, None, ready.kv)
-            return pre, None
-        except (KVMismatchError, KVFormatError) as e:
+    # failures ------------------------------------------------------------------------
+    def reuse_failed(self, ready: Ready, e: BaseException) -> str:
+        """The engine failed on a reference (the request went on as a full prefill): the
+        fallback reason. Only a reference that is bad in itself (another model, malformed,
+        non-finite) is reported and dropped everywhere; any other failure (out of memory,
+        a bug) keeps the entry: it is not the entry's fault."""
+        if isinstance(e, (KVMismatchError, KVFormatError)):
             mismatch = isinstance(e, KVMismatchError)
             logger.warning("reference %s does not fit this model (%s): full prefill", ready.ref.key, e)
             self.spawn(self.report_bad(ready.ref, "mismatch" if mismatch else "corrupt"))
-            reason = self.count("kv_mismatch" if mismatch else "kv_corrupt")
-        except Exception as e:  # noqa: BLE001 - the reuse path must never fail a request
-            logger.exception("reuse prefill with %s failed (%s): full prefill", ready.ref.key, type(e).__name__)
-            self.spawn(self.report_bad(ready.ref, "reuse_error"))
-            reason = self.count("reuse_error")
-        return await asyncio.to_thread(self.engine.prefill, ids, None), reason
+            return self.count("kv_mismatch" if mismatch else "kv_corrupt")
+        logger.warning("reuse prefill with %s failed (%s: %s): full prefill; the entry is kept", ready.ref.key,
+                       type(e).__name__, e)
+        return self.count("reuse_error")
 
     # register ------------------------------------------------------------------------
     def plan_depth(self, pre, ref: Optional[Reference]) -> tuple[int, bool]:
@@ -289,11 +286,14 @@ class ReusePath:
         return ref.depth + 1, ref.depth + 1 > self.args.max_reuse_depth
 
     def start_export(self, pre) -> asyncio.Task:
-        """Export the prefill's KV (and its device copy) in a worker thread, now: call right
-        after the prefill, and let it finish before the next decode step mutates the cache."""
+        """Export the prefill's KV (and its device copy) in a worker thread, now; the decode
+        runs on its own copy meanwhile. The prompt's full KV is released once exported."""
         def work():
-            packed = self.engine.export_kv(pre)
-            return packed, self._device_copy(pre, packed), bool(pre.exact)
+            try:
+                packed = self.engine.export_kv(pre)
+                return packed, self._device_copy(pre, packed), bool(pre.exact)
+            finally:
+                pre.release_full_kv()
         return self.spawn(asyncio.to_thread(work))
 
     async def register(self, key: str, vec: np.ndarray, ids: np.ndarray, tenant: str, depth: int,
@@ -324,12 +324,6 @@ class ReusePath:
             logger.warning("registering %s failed: %s: %s", key, type(e).__name__, e)
             return {"key": key, "stored": False, "reason": f"{type(e).__name__}",
                     "register_ms": round((time.perf_counter() - t0) * 1e3, 3)}
-
-    async def register_exact(self, key: str, vec: np.ndarray, ids: np.ndarray, tenant: str) -> dict:
-        """Past the depth cap: a full prefill's KV is registered instead (depth 0)."""
-        self.counters["refreshed_exact"] += 1
-        pre = await asyncio.to_thread(self.engine.prefill, ids, None)
-        return await self.register(key, vec, ids, tenant, 0, self.start_export(pre))
 
     def _device_copy(self, pre, packed) -> torch.Tensor:
         """The KV on the engine device: a view of the export on the CPU; on an accelerator

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from semshare_core import SemShareConfig
+
+if TYPE_CHECKING:
+    from semshare_core.scheduler import SchedulerConfig
 
 PRESET_PACKAGE = "serve_app.configs"
 PRESET_RE = r"^[A-Za-z0-9_.\-]{1,64}$"
@@ -75,8 +78,22 @@ class AppArgs(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     ingress_num_cpus: float = Field(0.1, gt=0)
     ingress_num_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(4, ge=1, description="per LLMServer replica")
-    max_queued_requests: int = Field(32, ge=-1, description="per handle; beyond it requests get 503")
+    max_ongoing_requests: int = Field(32, ge=1, description="per model replica: requests Serve lets in "
+                                      "(running + waiting in the replica's scheduler); >= max_running")
+    max_queued_requests: int = Field(64, ge=-1, description="per handle; beyond it requests get 503 + Retry-After")
+    # continuous batching (semshare_core/scheduler.py): one engine thread per replica
+    max_running: Optional[int] = Field(None, ge=1, le=1024, description="requests prefilling or decoding at "
+                                       "once per replica (the decode batch size at most); None: "
+                                       "min(16, max_ongoing_requests)")
+    max_step_tokens: int = Field(512, ge=1, description="prompt tokens prefilled + tokens decoded per step")
+    prefill_chunk: int = Field(512, ge=16, description="a full prefill runs in chunks of this many tokens, "
+                               "so running decodes stall by at most about one chunk")
+    kv_budget_bytes: Optional[int] = Field(None, ge=1, description="KV the admitted requests may reserve per "
+                                           "replica; None: 10% of RAM up to 2 GiB on CPU, 30% of the replica's "
+                                           "share of accelerator memory")
+    stream_interval_ms: float = Field(0.0, ge=0, le=1000, description="after the first token, stream tokens "
+                                      "in groups at most this often (0: as they come; tokens that piled up "
+                                      "while the client was slow always go as one chunk)")
     ingress_max_ongoing_requests: int = Field(64, ge=1)
     # index
     index_name: str = Field("semshare_index", min_length=1)
@@ -140,7 +157,8 @@ class AppArgs(BaseModel):
     admin_tenants: list[str] = Field(default_factory=list, description="tenants whose keys are admin keys")
     trust_tenant_header: bool = Field(True, description="open mode only: accept X-Tenant / X-SemShare-Tenant")
     # fault injection (tests, chaos drills): never set in production
-    fault_decode_delay_s: float = Field(0.0, ge=0, le=10, description="sleep between decoded tokens")
+    fault_decode_delay_s: float = Field(0.0, ge=0, le=10, description="the engine sleeps this long after each "
+                                        "decode step (a slow replica)")
 
     @field_validator("semshare")
     @classmethod
@@ -152,7 +170,23 @@ class AppArgs(BaseModel):
     def _one_model(self) -> "AppArgs":
         if (self.model is None) == (self.model_dir is None):
             raise ValueError("set exactly one of `model` (built-in) or `model_dir` (local folder)")
+        if self.max_running is not None and self.max_ongoing_requests < self.max_running:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_running "
+                             f"({self.max_running}): Serve would never let the scheduler fill its batch")
         return self
+
+    def running_limit(self) -> int:
+        return self.max_running if self.max_running is not None else min(16, self.max_ongoing_requests)
+
+    def scheduler_config(self, device) -> "SchedulerConfig":
+        """The replica's :class:`~semshare_core.scheduler.SchedulerConfig`."""
+        from semshare_core.scheduler import SchedulerConfig
+
+        budget = self.kv_budget_bytes if self.kv_budget_bytes is not None else default_kv_budget(device,
+                                                                                                 self.num_gpus)
+        return SchedulerConfig(max_running=self.running_limit(), max_step_tokens=self.max_step_tokens,
+                               prefill_chunk=self.prefill_chunk, kv_budget_bytes=budget,
+                               max_waiting=max(1, self.max_ongoing_requests), step_delay_s=self.fault_decode_delay_s)
 
     def semshare_config(self) -> SemShareConfig:
         cfg = SemShareConfig.from_dict(self.semshare)
@@ -164,6 +198,25 @@ class AppArgs(BaseModel):
         if self.model_name:
             return self.model_name
         return self.model or Path(self.model_dir).name
+
+
+def default_kv_budget(device, num_gpus: float = 0.0) -> int:
+    """KV bytes one replica's admitted requests may reserve when not configured: on CPU
+    10% of RAM up to 2 GiB; on an accelerator 30% of this replica's share of the card
+    (``num_gpus`` below 1 is a fraction of it)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        return int(0.3 * total * min(1.0, num_gpus or 1.0))
+    try:
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return int(min(2 << 30, 0.1 * ram))
 
 
 def _preset_dir():

@@ -298,10 +298,11 @@ def test_identical_prompt_with_exact_reference_is_replayed_like_generate(engine)
     assert list(engine.decode(rep, 10, 0.0, stop_on_eos=False)) == out[0, ids.size:].tolist()
     # the reference is untouched by the decode, and a replay exports an exact entry again
     assert np.array_equal(engine.export_kv(engine.prefill(ids, ref)).data, ref.data)
-    # a selective hit is not exact: its export carries no logits and is never replayed
+    # a selective hit is not exact: its export says so (it still carries its first-token
+    # logits, so that an identical repeat replays the hit's answer)
     other = engine.export_kv(engine.prefill(_prompt(engine, 240, 11)))
     hit = engine.prefill(ids, other)
-    assert hit.stats.rows_per_layer[0] == ids.size and engine.export_kv(hit).last_logits is None
+    assert hit.stats.rows_per_layer[0] == ids.size and not engine.export_kv(hit).exact
 
 
 def test_decode_holds_only_retained_rows(engine):

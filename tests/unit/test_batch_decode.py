@@ -1,0 +1,257 @@
+"""Continuous batching: batched decode over ragged KV equals batch-1 decode.
+
+Tiny fp32 Llama and Mistral; misses and hits, pruned and unpruned, mixed prompt
+lengths, requests joining and leaving mid-batch; seeded sampling; cancellation;
+KV budgets; identical repeats of a hit's prompt replay.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from semshare_core import SemShareConfig, SemShareEngine
+from semshare_core.scheduler import GenParams, Request, RequestRefused, Scheduler, SchedulerConfig
+
+from .tiny import prose, tiny_engine, tokenizer
+
+
+def _ids(engine, start: int, count: int) -> np.ndarray:
+    return engine.encode(" ".join(prose(start, count)))
+
+
+class Collector:
+    """A sink: records every event of one request."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def __call__(self, ev: tuple) -> None:
+        self.events.append(ev)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e[1] for e in self.events if e[0] == "token"]
+
+    @property
+    def finished(self):
+        return next((e[1] for e in self.events if e[0] in ("finished", "error")), None)
+
+
+def _run(sched: Scheduler, reqs: list[Request], max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if not sched.has_work() and not sched._inbox:
+            return
+        sched.step()
+    raise AssertionError("scheduler did not finish")
+
+
+def _reference_tokens(engine: SemShareEngine, ids, reference, n: int, **kw) -> list[int]:
+    pre = engine.prefill(ids, reference)
+    return list(engine.decode(pre, max_new_tokens=n, stop_on_eos=False, **kw))
+
+
+def _hit_config(engine, retention: float) -> SemShareConfig:
+    return engine.config.with_(retention=retention)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("retention", [1.0, 0.5])
+def test_batched_greedy_equals_batch_one_with_joins_and_leaves(arch, retention):
+    engine = tiny_engine(arch)
+    cfg = _hit_config(engine, retention)
+    doc = _ids(engine, 100, 14)
+    ref = engine.export_kv(engine.prefill(doc))
+    variant = _ids(engine, 100, 6)[:-3].tolist() + _ids(engine, 300, 2).tolist() + _ids(engine, 107, 6).tolist()
+    variant = np.asarray(variant, dtype=np.int64)
+    # (ids, reference, max_new_tokens, step at which it is submitted)
+    plan = [(_ids(engine, 0, 3), None, 12, 0), (_ids(engine, 10, 9), None, 5, 0), (variant, ref, 9, 0),
+            (_ids(engine, 40, 1), None, 16, 2), (doc, ref, 7, 3), (_ids(engine, 60, 5), None, 3, 6)]
+    sched = Scheduler(engine, SchedulerConfig(max_running=8, max_step_tokens=64, prefill_chunk=32))
+    sinks = [Collector() for _ in plan]
+    reqs = [Request(ids, GenParams(max_new_tokens=n, stop_on_eos=False), sink, reference=r, config=cfg)
+            for (ids, r, n, _), sink in zip(plan, sinks)]
+    batch_sizes = []
+    for step in range(200):
+        for req, (_, _, _, at) in zip(reqs, plan):
+            if at == step:
+                sched.submit(req)
+        if step > 6 and not sched.has_work() and not sched._inbox:
+            break
+        batch_sizes.append(sched.step().batch)
+    assert max(batch_sizes) >= 4, batch_sizes  # really batched, with mixed lengths
+    for (ids, r, n, _), sink in zip(plan, sinks):
+        want = [t for t in _reference_tokens(engine.__class__(engine.model, engine.tokenizer, cfg), ids, r, n)]
+        assert sink.tokens == want
+        assert sink.finished == "length"
+        assert sink.events[0][0] == "prefilled"
+    hit_pre = sinks[2].events[0][1]
+    assert hit_pre.stats.hit and hit_pre.explicit_positions
+    assert sched.reserved_bytes == 0 and sched.kv_bytes() == 0
+
+
+def test_chunked_full_prefill_equals_one_shot():
+    engine = tiny_engine("llama")
+    ids = _ids(engine, 200, 12)
+    one = engine.prefill(ids)
+    steps = engine.prefill_steps(ids, chunk=16)
+    yielded = []
+    while True:
+        try:
+            yielded.append(next(steps))
+        except StopIteration as s:
+            chunked = s.value
+            break
+    assert sum(yielded) < ids.size and all(y == 16 for y in yielded)  # the last chunk returns, not yields
+    assert torch.allclose(chunked.logits, one.logits, atol=1e-5)
+    for a, b in zip(chunked.keys, one.keys):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert chunked.exact
+
+
+def test_seeded_sampling_matches_batch_one():
+    engine = tiny_engine("llama")
+    params = dict(temperature=0.9, top_p=0.8, seed=1234)
+    prompts = [_ids(engine, 0, 2), _ids(engine, 20, 5), _ids(engine, 50, 3)]
+    sched = Scheduler(engine, SchedulerConfig(max_running=4))
+    sinks = [Collector() for _ in prompts]
+    for ids, sink in zip(prompts, sinks):
+        sched.submit(Request(ids, GenParams(max_new_tokens=10, stop_on_eos=False, **params), sink))
+    _run(sched, [])
+    for ids, sink in zip(prompts, sinks):
+        assert sink.tokens == _reference_tokens(engine, ids, None, 10, **params)
+    # and another seed gives another sequence (the seed is really used)
+    other = _reference_tokens(engine, prompts[0], None, 10, temperature=0.9, top_p=0.8, seed=99)
+    assert other != sinks[0].tokens
+
+
+def test_cancellation_frees_slot_and_kv():
+    engine = tiny_engine("llama")
+    sched = Scheduler(engine, SchedulerConfig(max_running=2))
+    a, b = Collector(), Collector()
+    ra = Request(_ids(engine, 0, 6), GenParams(max_new_tokens=50, stop_on_eos=False), a)
+    rb = Request(_ids(engine, 30, 6), GenParams(max_new_tokens=50, stop_on_eos=False), b)
+    sched.submit(ra)
+    sched.submit(rb)
+    for _ in range(3):
+        sched.step()
+    assert len(sched.running) == 2 and sched.kv_bytes() > 0
+    held = sched.kv_bytes()
+    sched.cancel(ra.id)
+    sched.step()
+    assert a.finished == "cancelled" and len(sched.running) == 1
+    assert 0 < sched.kv_bytes() < held
+    n_a = len(a.tokens)
+    sched.cancel(rb.id)
+    sched.step()
+    assert b.finished == "cancelled" and len(a.tokens) == n_a
+    assert sched.running == [] and sched.kv_bytes() == 0 and sched.reserved_bytes == 0
+
+
+def test_over_budget_requests_wait_then_run():
+    engine = tiny_engine("llama")
+    probe = Scheduler(engine)
+    ids1, ids2 = _ids(engine, 0, 5), _ids(engine, 40, 5)
+    need = max(probe.reservation(ids1.size, 8), probe.reservation(ids2.size, 8))
+    sched = Scheduler(engine, SchedulerConfig(max_running=4, kv_budget_bytes=int(need * 1.5)))
+    s1, s2 = Collector(), Collector()
+    sched.submit(Request(ids1, GenParams(max_new_tokens=8, stop_on_eos=False), s1))
+    sched.submit(Request(ids2, GenParams(max_new_tokens=8, stop_on_eos=False), s2))
+    sched.step()
+    assert len(sched.running) == 1 and len(sched.waiting) == 1 and s2.events == []  # over budget: waits
+    assert sched.reserved_bytes <= sched.config.kv_budget_bytes
+    _run(sched, [])
+    assert s1.finished == s2.finished == "length"
+    assert s2.tokens == _reference_tokens(engine, ids2, None, 8)
+
+
+def test_refusals_never_fit_and_full_queue():
+    engine = tiny_engine("llama")
+    ids = _ids(engine, 0, 5)
+    sched = Scheduler(engine, SchedulerConfig(kv_budget_bytes=1024))
+    with pytest.raises(RequestRefused) as e:
+        sched.submit(Request(ids, GenParams(max_new_tokens=8), Collector()))
+    assert not e.value.retryable and "KV budget" in str(e.value)
+    sched = Scheduler(engine, SchedulerConfig(max_waiting=2))
+    for _ in range(2):
+        sched.submit(Request(ids, GenParams(max_new_tokens=2), Collector()))
+    with pytest.raises(RequestRefused) as e:
+        sched.submit(Request(ids, GenParams(max_new_tokens=2), Collector()))
+    assert e.value.retryable
+
+
+def test_failing_hit_is_retried_as_full_prefill(monkeypatch):
+    engine = tiny_engine("llama")
+    ids = _ids(engine, 0, 8)
+    broken = engine.export_kv(engine.prefill(_ids(engine, 0, 9)))
+
+    def boom(*a, **k):
+        raise RuntimeError("reuse path failed")
+
+    monkeypatch.setattr(engine, "_prefill_hit", boom)
+    sched = Scheduler(engine)
+    sink = Collector()
+    req = Request(ids, GenParams(max_new_tokens=4, stop_on_eos=False), sink, reference=broken)
+    sched.submit(req)
+    _run(sched, [])
+    assert req.reuse_error is not None and sink.finished == "length"
+    assert not sink.events[0][1].stats.hit
+    assert sink.tokens == _reference_tokens(engine, ids, None, 4)
+
+
+def test_identical_repeat_of_a_hit_replays_the_hit():
+    engine = tiny_engine("mistral")
+    doc = _ids(engine, 100, 10)
+    ref = engine.export_kv(engine.prefill(doc))
+    variant = np.concatenate([_ids(engine, 100, 5), _ids(engine, 400, 1), _ids(engine, 106, 4)])
+    hit = engine.prefill(variant, ref)
+    assert hit.stats.hit and not hit.exact
+    entry = engine.export_kv(hit)
+    assert entry.last_logits is not None and not entry.exact
+    first_answer = list(engine.decode(hit, 8, stop_on_eos=False))
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in engine.model.model.layers]
+    try:
+        rep = engine.prefill(variant, entry)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [] and rep.stats.hit and rep.stats.recomputed_tokens == 0
+    assert not rep.exact  # a replay of a hit's KV is not a full prefill's
+    assert list(engine.decode(rep, 8, stop_on_eos=False)) == first_answer
+    # the wire format keeps the flag
+    from semshare_core import PackedKV
+
+    assert PackedKV.from_bytes(entry.to_bytes()).exact is False
+
+
+@functools.lru_cache(maxsize=None)
+def _windowed_engine() -> SemShareEngine:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = tokenizer()
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                        sliding_window=16, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+                        tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(3)
+    model = MistralForCausalLM(cfg).eval()
+    return SemShareEngine(model, tok, SemShareConfig(window=1, recompute_min_tokens=0))
+
+
+def test_sliding_window_batched_decode_equals_generate():
+    engine = _windowed_engine()
+    prompts = [_ids(engine, 0, 4), _ids(engine, 30, 1)]
+    assert prompts[0].size > 16 > 0
+    sched = Scheduler(engine, SchedulerConfig(max_running=4))
+    sinks = [Collector() for _ in prompts]
+    for ids, sink in zip(prompts, sinks):
+        sched.submit(Request(ids, GenParams(max_new_tokens=20, stop_on_eos=False), sink))
+    _run(sched, [])
+    for ids, sink in zip(prompts, sinks):
+        out = engine.model.generate(torch.from_numpy(ids)[None], max_new_tokens=20, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        assert sink.tokens == out[0, ids.size:].tolist()
