@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from .test_serve_app import passage
+from test_serve_app import passage
 
 
 def _replica_infos(app: str = "semshare", timeout: float = 30.0) -> dict:
@@ -49,7 +49,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential_answers(server):
 
 def test_disconnect_mid_stream_frees_the_slot_and_kv(hardened):
     """The hardened app decodes slowly (0.1 s per step): the request is still running when the client leaves."""
-    from .conftest import H_ADMIN
+    from conftest import H_ADMIN
 
     body = {"prompt": "disconnect me " + passage(70, 150), "max_tokens": 40, "temperature": 0, "stream": True,
             "use_semshare": False}
