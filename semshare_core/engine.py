@@ -31,7 +31,7 @@ from .kv import ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
-from .prefill import full_prefill, layer_step, model_step, selective_prefill
+from .prefill import full_prefill, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
 
@@ -364,29 +364,32 @@ class SemShareEngine:
     # decode ----------------------------------------------------------------------
     def decode(self, pre: PrefillResult, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop_on_eos: bool = True) -> Iterator[int]:
-        """Stream generated token ids. The prefill's cache is consumed (mutated).
+        """Stream generated token ids (batch 1). The prefill's cache is consumed.
 
-        Before the first decode step (after the first token is yielded) the prompt's full
-        KV held for export is released (:meth:`PrefillResult.release_full_kv`), so that
-        during decode only the decode cache stays in memory (retained rows only, when
-        pruned).
+        Decoding runs through :func:`semshare_core.batch.batch_step` with one request, the
+        same step the scheduler runs for a whole batch: positions continue from the
+        prompt length (also after a pruned hit), a sliding window is applied by position.
+        Before the first decode step (after the first token is yielded) the prompt's
+        full KV held for export is released (:meth:`PrefillResult.release_full_kv`) and
+        the decode cache is copied into a :class:`~semshare_core.batch.SeqKV` (left in
+        ``pre.cache``), so during decode only the retained rows stay in memory.
         """
+        from .batch import batch_step
+
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,))))
-        logits, pos = pre.logits, int(pre.ids.size)
+        logits, state = pre.logits, None
         for i in range(max_new_tokens):
             tok = sample_token(logits.cpu(), temperature, top_p, gen)
             yield tok
             if (stop_on_eos and tok in self.eos_ids) or i + 1 == max_new_tokens:
                 return
-            if i == 0:  # the cache is about to change: export_kv must have run by now
+            if state is None:  # the cache is about to change: export_kv must have run by now
+                state = self.decode_state(pre)
                 pre.release_full_kv()
+                pre.cache = state
             with self.lock, torch.inference_mode():
-                if pre.explicit_positions:
-                    logits = layer_step(self.model, tok, pos, pre.cache)
-                else:
-                    logits = model_step(self.model, tok, pre.cache)
-            pos += 1
+                logits = batch_step(self.model, [state], [tok])[0]
 
     def generate(self, ids: np.ndarray, reference: PackedKV | None = None, **decode_kw) -> tuple[list[int], PrefillStats]:
         pre = self.prefill(ids, reference)
