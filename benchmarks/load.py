@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-cores", default="1", help="--start-server: taskset cores of `serve run` ('' = no pin)")
     p.add_argument("--client-cores", default="0", help="CPU affinity of this client process ('' = no pin)")
     p.add_argument("--torch-threads", type=int, default=1, help="--start-server (sweep): the replica's torch_threads")
+    p.add_argument("--server-note", default=None, help="how the --url server was started (written to the results)")
     p.add_argument("--compare", nargs=2, metavar=("OURS_JSON", "PEER_JSON"), default=None,
                    help="sweep results side by side: one markdown table (ratios ours / peer)")
     a = p.parse_args(argv)
@@ -415,7 +416,7 @@ def sweep_main(p: argparse.ArgumentParser, a) -> int:
         load_smollm2()
     tok = AutoTokenizer.from_pretrained(str(folder))  # prompts are cut in the served model's tokens
     count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    proc, config, note = None, a.config, "started outside the benchmark"
+    proc, config, note = None, a.config, a.server_note or "started outside the benchmark"
     if a.start_server:
         extra = {"torch_threads": a.torch_threads}
         for kv in a.arg:

@@ -113,8 +113,8 @@ def markdown(result: dict) -> str:
               "Hit rate: our server's `semshare.cache_hit`, a peer's `cached_tokens > 0`; cached = cached prompt "
               "tokens / prompt tokens.", ""]
     lines += ["| workload | clients | ok / sent | tok/s | x1 | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
-              "latency p50 | latency p99 | hit rate | follow-up hit rate | cached | non-200 |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "latency p50 | latency p99 | hit rate | follow-up hit rate | cached | prompt tokens (mean) | non-200 |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for wl, levels in result["workloads"].items():
         for c in sorted(levels, key=int):
             s = levels[c]
@@ -127,7 +127,7 @@ def markdown(result: dict) -> str:
                 f"{_f(s.get('tokens_per_s_vs_1'), 2)} | {_f(s['requests_per_s'], 2)} | {_f(s['ttft_p50_ms'])} | "
                 f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'], 1)} | {_f(s['itl_p99_ms'], 1)} | "
                 f"{_f(s['latency_p50_ms'])} | {_f(s['latency_p99_ms'])} | {_f(s['hit_rate'], 2)} | {_f(fu, 2)} | "
-                f"{_f(s['cached_share'], 2)} | {s['non_200']} |")
+                f"{_f(s['cached_share'], 2)} | {_f(s.get('prompt_tokens_mean'))} | {s['non_200']} |")
     lines.append("")
     lines.append("Times in ms.")
     if result.get("repeat"):
