@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="identical repeats per document (onoff: 3, sweep: 1)")
     p.add_argument("--variants", type=int, default=None, help="edited variants per document (onoff: 6, sweep: 2)")
     p.add_argument("--unrelated", type=int, default=4)
-    p.add_argument("--concurrency", default="1,2,4,8,16",
-                   help="client counts to sweep, comma-separated (onoff: one value)")
+    p.add_argument("--concurrency", default=None,
+                   help="client counts to sweep, comma-separated (default 1,2,4,8,16; onoff: one value, default 4)")
     p.add_argument("--new-tokens", type=int, default=16, help="onoff only")
     p.add_argument("--timeout-s", type=float, default=600)
     p.add_argument("--seed", type=int, default=0)
@@ -326,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{a.name or 'load-compare'}.md").write_text(md)
         print(md)
         return 0
-    if a.workload != "onoff":
+    if a.workload != "onoff" and not a.combine:
+        a.concurrency = a.concurrency or "1,2,4,8,16"
         return sweep_main(p, a)
     a.name = a.name or "load-smollm2-cpu"
     a.repeats = 3 if a.repeats is None else a.repeats
     a.variants = 6 if a.variants is None else a.variants
-    conc = [int(x) for x in str(a.concurrency).split(",") if x.strip()]
+    conc = [int(x) for x in str(a.concurrency or "4").split(",") if x.strip()]
     if len(conc) != 1:
         p.error("--workload onoff runs one concurrency: pass e.g. --concurrency 4")
     a.concurrency = conc[0]

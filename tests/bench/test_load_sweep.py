@@ -166,3 +166,14 @@ def test_markdown_and_compare_table(tmp_path):
 def test_onoff_takes_one_concurrency():
     with pytest.raises(SystemExit):
         main(["--workload", "onoff", "--concurrency", "1,2", "--url", "http://127.0.0.1:9"])
+
+
+def test_legacy_onoff_combine_still_works(tmp_path):
+    from benchmarks.load import summarize
+
+    recs = [{"i": 0, "kind": "similar", "status": 200, "latency_ms": 9.0, "ttft_ms": 3.0, "cache_hit": True,
+             "prompt_tokens": 10, "reused_tokens": 5}]
+    res = {"name": "r1", "config": {"replicas": 1, "affinity": "on"}, "modes": {"reuse_on": summarize(recs, 1.0)}}
+    (tmp_path / "a.json").write_text(json.dumps(res))
+    assert main(["--combine", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "cmp"]) == 0
+    assert "| r1 | 1 | on | 1 / 1 |" in (tmp_path / "cmp.md").read_text()
