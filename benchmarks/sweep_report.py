@@ -113,8 +113,9 @@ def markdown(result: dict) -> str:
               "Hit rate: our server's `semshare.cache_hit`, a peer's `cached_tokens > 0`; cached = cached prompt "
               "tokens / prompt tokens.", ""]
     lines += ["| workload | clients | ok / sent | tok/s | x1 | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
-              "latency p50 | latency p99 | hit rate | follow-up hit rate | cached | prompt tokens (mean) | non-200 |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "latency p50 | latency p99 | hit rate | follow-up hit rate | cached | prompt tokens (mean) | non-200 | "
+              "load avg 1 min before..after |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for wl, levels in result["workloads"].items():
         for c in sorted(levels, key=int):
             s = levels[c]
@@ -127,9 +128,23 @@ def markdown(result: dict) -> str:
                 f"{_f(s.get('tokens_per_s_vs_1'), 2)} | {_f(s['requests_per_s'], 2)} | {_f(s['ttft_p50_ms'])} | "
                 f"{_f(s['ttft_p99_ms'])} | {_f(s['itl_p50_ms'], 1)} | {_f(s['itl_p99_ms'], 1)} | "
                 f"{_f(s['latency_p50_ms'])} | {_f(s['latency_p99_ms'])} | {_f(s['hit_rate'], 2)} | {_f(fu, 2)} | "
-                f"{_f(s['cached_share'], 2)} | {_f(s.get('prompt_tokens_mean'))} | {s['non_200']} |")
+                f"{_f(s['cached_share'], 2)} | {_f(s.get('prompt_tokens_mean'))} | {s['non_200']} | "
+                f"{_f((s.get('loadavg_before') or [None])[0], 1)}..{_f((s.get('loadavg_after') or [None])[0], 1)} |")
     lines.append("")
     lines.append("Times in ms.")
+    reuse = result["workloads"].get("reuse")
+    if reuse:
+        kinds = ("reference", "variant", "repeat")
+        lines += ["", "Reuse levels by request kind: n, TTFT p50 ms, hit rate, cached share:", "",
+                  "| clients | " + " | ".join(kinds) + " |", "| ---: |" + " ---: |" * len(kinds)]
+        for c in sorted(reuse, key=int):
+            bk = reuse[c]["by_kind"]
+            cells = []
+            for k in kinds:
+                v = bk.get(k)
+                cells.append("–" if not v else f"{v['n']}, {_f(v['ttft_p50_ms'])}, {_f(v['hit_rate'], 2)}, "
+                                                f"{_f(v['cached_share'], 2)}")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     if result.get("repeat"):
         lines += ["", "## Identical repeat: TTFT of a prompt sent once, then again verbatim (sequential, fresh prompts)",
                   "", "| prompt | pairs | prompt tokens (median) | first TTFT median (min..max) ms | "
