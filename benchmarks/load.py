@@ -1,9 +1,18 @@
-"""Serving load benchmark: concurrent HTTP clients against ``serve run``, reuse on vs off.
+"""Serving load benchmark: concurrent HTTP clients against ``serve run`` or any OpenAI-compatible server.
 
-    python -m benchmarks.load --start-server              # starts `serve run serve_config.yaml`
-    python -m benchmarks.load --url http://127.0.0.1:8000  # against a running server
-    python -m benchmarks.load --start-server --replicas 2 --num-cpus 0.9 --affinity on --modes reuse_on
-    python -m benchmarks.load --combine a.json b.json --name cmp   # one table from several runs
+Concurrency sweep (default; :mod:`benchmarks.sweep`), streaming ``/v1/completions`` clients:
+
+    python -m benchmarks.load --start-server --name load-ours            # pinned `serve run`, 1..16 clients
+    python -m benchmarks.load --url http://127.0.0.1:8100 --label vllm-cpu --name load-vllm-cpu
+    python -m benchmarks.load --workload decode --concurrency 1,8        # one workload, two levels
+    python -m benchmarks.load --workload repeat --url ...                # TTFT of an identical repeat
+    python -m benchmarks.load --compare load-ours.json load-vllm-cpu.json --name ours-vs-vllm
+
+Reuse on vs off (``--workload onoff``; the native ``/v1/generate`` route, one concurrency):
+
+    python -m benchmarks.load --workload onoff --start-server --concurrency 4
+    python -m benchmarks.load --workload onoff --start-server --replicas 2 --num-cpus 0.9 --affinity on --modes reuse_on
+    python -m benchmarks.load --combine a.json b.json --name cmp   # one table from several on/off runs
 
 The workload is built offline (``benchmarks.dataset``) and is the same for both modes:
 ``docs`` documents of about ``length`` tokens; each is sent once as written, then
@@ -223,11 +232,28 @@ def wait_healthy(url: str, timeout_s: float) -> float:
     raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s")
 
 
-def start_server(config: str, log_path: Path) -> subprocess.Popen:
+def start_server(config: str, log_path: Path, cores: str | None = None) -> subprocess.Popen:
+    """``serve run config``; with ``cores`` (e.g. ``"1"``) under ``taskset -c cores``, so Ray and
+    every replica it starts inherit that CPU affinity."""
     serve_bin = shutil.which("serve", path=str(Path(sys.executable).parent)) or "serve"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    return subprocess.Popen([serve_bin, "run", config], stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    cmd = [serve_bin, "run", config]
+    if cores:
+        cmd = ["taskset", "-c", cores] + cmd
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
+
+
+def pin_client(cores: str | None) -> None:
+    """Pin this process (the client) to ``cores`` ("0", "0,2", "0-3")."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = set()
+    for part in cores.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    os.sched_setaffinity(0, cpus)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -248,14 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="serve_config.yaml")
     p.add_argument("--docs", type=int, default=4)
     p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=None, help="identical repeats per document (onoff: 3, sweep: 1)")
+    p.add_argument("--variants", type=int, default=None, help="edited variants per document (onoff: 6, sweep: 2)")
     p.add_argument("--unrelated", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--concurrency", default=None,
+                   help="client counts to sweep, comma-separated (default 1,2,4,8,16; onoff: one value, default 4)")
+    p.add_argument("--new-tokens", type=int, default=16, help="onoff only")
     p.add_argument("--timeout-s", type=float, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="load-smollm2-cpu")
+    p.add_argument("--name", default=None, help="results file stem (default load-sweep / load-smollm2-cpu)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--replicas", type=int, default=None, help="model replicas (with --start-server)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs per model replica (with --start-server)")
@@ -263,8 +290,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="another app arg for the started server (YAML value), e.g. hot_tier_bytes=60000000")
     p.add_argument("--modes", nargs="+", choices=("reuse_off", "reuse_on"), default=["reuse_off", "reuse_on"])
-    p.add_argument("--combine", nargs="+", default=None, help="result JSON files: write one comparison table")
+    p.add_argument("--combine", nargs="+", default=None, help="onoff result JSON files: write one comparison table")
+    # the concurrency sweep
+    p.add_argument("--workload", choices=("both", "decode", "reuse", "repeat", "all", "onoff"), default="both",
+                   help="decode-heavy and/or reuse sweep; repeat: TTFT of identical repeats; all: both + repeat; "
+                        "onoff: reuse on vs off on /v1/generate")
+    p.add_argument("--label", default=None, help="name of the target in tables (default: semshare, or the url)")
+    p.add_argument("--model", default=None, help="model id to send (default: the first GET /v1/models lists)")
+    p.add_argument("--decode-tokens", type=int, default=100, help="decode-heavy prompt length (tokens)")
+    p.add_argument("--decode-new-tokens", type=int, default=128)
+    p.add_argument("--decode-per-client", type=int, default=2, help="decode requests per client per level")
+    p.add_argument("--decode-min", type=int, default=8, help="at least this many decode requests per level")
+    p.add_argument("--reuse-new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=1, help="reuse follow-ups per client per level")
+    p.add_argument("--families-min", type=int, default=2, help="at least this many reuse families per level")
+    p.add_argument("--repeat-lengths", default="1024,2048", help="repeat mode: prompt lengths (tokens)")
+    p.add_argument("--repeat-n", type=int, default=5, help="repeat mode: fresh prompts per length")
+    p.add_argument("--repeat-new-tokens", type=int, default=8)
+    p.add_argument("--tenant", default="load-sweep", help="X-Tenant header (our server; others ignore it)")
+    p.add_argument("--no-salt", action="store_true", help="send no per-level cache_salt")
+    p.add_argument("--run-id", default=None, help="salt prefix (default: r<unix time>)")
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM honours it; our server ignores it)")
+    p.add_argument("--server-cores", default="1", help="--start-server: taskset cores of `serve run` ('' = no pin)")
+    p.add_argument("--client-cores", default="0", help="CPU affinity of this client process ('' = no pin)")
+    p.add_argument("--torch-threads", type=int, default=1, help="--start-server (sweep): the replica's torch_threads")
+    p.add_argument("--server-note", default=None, help="how the --url server was started (written to the results)")
+    p.add_argument("--compare", nargs=2, metavar=("OURS_JSON", "PEER_JSON"), default=None,
+                   help="sweep results side by side: one markdown table (ratios ours / peer)")
     a = p.parse_args(argv)
+    if a.compare:
+        from . import sweep_report
+
+        md = sweep_report.combine_files(*a.compare)
+        out = Path(a.out_dir)
+        (out / f"{a.name or 'load-compare'}.md").write_text(md)
+        print(md)
+        return 0
+    if a.workload != "onoff" and not a.combine:
+        a.concurrency = a.concurrency or "1,2,4,8,16"
+        return sweep_main(p, a)
+    a.name = a.name or "load-smollm2-cpu"
+    a.repeats = 3 if a.repeats is None else a.repeats
+    a.variants = 6 if a.variants is None else a.variants
+    conc = [int(x) for x in str(a.concurrency or "4").split(",") if x.strip()]
+    if len(conc) != 1:
+        p.error("--workload onoff runs one concurrency: pass e.g. --concurrency 4")
+    a.concurrency = conc[0]
     if a.combine:
         table = combine(a.combine)
         out = Path(a.out_dir)
@@ -321,6 +392,55 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{a.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0 if all(m["non_200"] == 0 for m in modes.values()) else 1
+
+
+def sweep_main(p: argparse.ArgumentParser, a) -> int:
+    """The concurrency sweep (``--workload decode|reuse|both|repeat|all``)."""
+    from . import sweep
+
+    a.name = a.name or "load-sweep"
+    a.repeats = 1 if a.repeats is None else a.repeats
+    a.variants = 2 if a.variants is None else a.variants
+    host = httpx.URL(a.url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        p.error("the load benchmark only targets loopback addresses")
+    if (a.replicas or a.num_cpus or a.affinity or a.arg) and not a.start_server:
+        p.error("--replicas / --num-cpus / --affinity / --arg configure the server: use them with --start-server")
+    a.label = a.label or ("semshare" if a.start_server else a.url)
+    pin_client(a.client_cores)
+    from transformers import AutoTokenizer
+
+    from semshare_core.models import SMOLLM2_CACHE_NAME, default_cache_dir, load_smollm2
+
+    folder = default_cache_dir() / SMOLLM2_CACHE_NAME
+    if not (folder / "tokenizer.json").exists():
+        load_smollm2()
+    tok = AutoTokenizer.from_pretrained(str(folder))  # prompts are cut in the served model's tokens
+    count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    proc, config, note = None, a.config, a.server_note or "started outside the benchmark"
+    if a.start_server:
+        extra = {"torch_threads": a.torch_threads}
+        for kv in a.arg:
+            k, _, v = kv.partition("=")
+            extra[k] = yaml.safe_load(v)
+        config = derived_config(a.config, Path(a.out_dir), a.replicas, a.num_cpus, a.affinity,
+                                httpx.URL(a.url).port or 8000, extra)
+        proc = start_server(config, Path(a.out_dir) / f"{a.name}.server.log", a.server_cores or None)
+        note = (f"`serve run {a.config}` started by the benchmark"
+                + (f" under `taskset -c {a.server_cores}`" if a.server_cores else "")
+                + f", app args overridden: {extra}")
+    try:
+        startup = wait_healthy(a.url, 600 if a.start_server else 10)
+        if a.start_server:
+            note += f"; healthy after {startup:.0f} s"
+        result = sweep.run(a, count, a.url, note)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+            Path(config).unlink(missing_ok=True)
+    bad = sum(s["non_200"] for lv in result["workloads"].values() for s in lv.values())
+    bad += sum(v["failed"] for v in (result.get("repeat") or {}).values())
+    return 0 if bad == 0 else 1
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def main() -> int:
 
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="ssmn", dir="/tmp")
+    # Cluster.add_node (head) writes the address file ``ray_current_cluster`` into Ray's
+    # *default* temp dir ($RAY_TMPDIR/ray, $TMPDIR/ray or /tmp/ray), not into ``temp_dir``:
+    # on a fresh machine that directory does not exist yet (FileNotFoundError). Point the
+    # default at our own dir (so no shared /tmp/ray/ray_current_cluster is written either)
+    # and create the ``ray`` folder it resolves to.
+    os.environ["RAY_TMPDIR"] = tmp
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"node_a": 1}, "object_store_memory": 120 << 20,
         "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": tmp})
