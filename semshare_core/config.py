@@ -81,9 +81,10 @@ class SemShareConfig:
         of them (share of the prompt's distinct n-grams). ``source_near``: lone-id and
         fuzzy matches stay in the source of the run they continue, at most this many
         positions from where it would continue (0: such tokens are recomputed).
-        ``boundary_rows``: with several sources, the first this-many tokens after each
-        switch of source are recomputed on top of the budget (their reused K/V never saw
-        the tokens before them).
+        ``boundary_rows``: with several sources, the first this-many tokens of each run
+        that does not continue the previous one (another source, or another place in
+        one) are recomputed on top of the budget (their reused K/V never saw the tokens
+        before them).
     Fetch
         ``host_staging``: how a hit moves reference rows that live in host memory to the
         device (:mod:`semshare_core.staging`). ``layered``: one layer at a time through

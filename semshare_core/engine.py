@@ -343,7 +343,8 @@ class SemShareEngine:
         Each prompt token maps to (source, position) (:mod:`semshare_core.sources`), the
         rows are gathered per source into one buffer and every key re-rotated by its own
         offset; then the usual selective prefill runs, with the first ``boundary_rows``
-        tokens after each switch of source forced into the recomputed set.
+        tokens after each boundary (a run from another source or another place) forced
+        into the recomputed set.
         """
         cfg = config or self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -445,12 +446,13 @@ class SemShareEngine:
 
     def source_forced(self, mapping: SourceMapping, cfg: SemShareConfig) -> np.ndarray:
         """bool ``[n]``: rows a several-source hit must recompute: unmatched tokens, plus the
-        first ``boundary_rows`` tokens after each switch of source (the last ``window``
+        first ``boundary_rows`` tokens of each run that does not continue the previous one
+        (:meth:`SourceMapping.boundaries`; the last ``window``
         tokens are added by the prefill itself)."""
         forced = mapping.must_recompute.copy()
         if cfg.boundary_rows > 0:
             n = forced.size
-            for i in mapping.switches().tolist():
+            for i in mapping.boundaries().tolist():
                 forced[i:min(n, i + cfg.boundary_rows)] = True
         return forced
 

@@ -69,14 +69,17 @@ class SourceMapping:
         ok = self.source >= 0
         return np.bincount(self.source[ok].astype(np.int64), minlength=len(self.src_lens)).tolist()
 
-    def switches(self) -> np.ndarray:
-        """int64 positions ``i > 0`` where a mapped token's source differs from the previous
-        mapped token's source (a source boundary inside the prompt)."""
+    def boundaries(self) -> np.ndarray:
+        """int64 positions ``i > 0`` where a mapped token does not continue the previous
+        mapped token's run: another source, or another place in the same source (e.g. two
+        passages of one cached prompt that were not adjacent there). The reused K/V from
+        such a token on never saw the tokens before it."""
         mapped = np.nonzero(self.source >= 0)[0]
         if mapped.size < 2:
             return np.zeros(0, dtype=np.int64)
-        s = self.source[mapped]
-        return mapped[1:][s[1:] != s[:-1]].astype(np.int64)
+        s, p = self.source[mapped], self.src_index[mapped]
+        jump = (s[1:] != s[:-1]) | (p[1:] - p[:-1] != mapped[1:] - mapped[:-1])
+        return mapped[1:][jump].astype(np.int64)
 
 
 def align_sources(target: np.ndarray, sources: Sequence[np.ndarray], anchor: int = 3, near: int = 16,

@@ -89,6 +89,15 @@ def test_exact_runs_from_any_source_longest_wins():
     assert (src[20:] == 0).all() and (pos[20:] == np.arange(10, 30)).all()
 
 
+def test_boundaries_are_jumps_to_another_source_or_place():
+    a, b = np.arange(0, 40), np.arange(100, 140)
+    t = np.concatenate([a[0:10], b[0:10], b[20:30], [999], b[31:35], a[10:15]])
+    m = map_sources(t, [a, b])
+    # b[20:30] follows b[0:10] in the prompt but not in b: a boundary; the NONE gap before
+    # b[31:35] is not (the run continues across it)
+    assert m.boundaries().tolist() == [10, 20, 35]
+
+
 def test_fuzzy_stays_in_the_neighbour_source(engine):
     g = np.random.default_rng(0)
     refs = [g.integers(0, 200, 60), g.integers(200, 400, 60), g.integers(0, 400, 60)]
