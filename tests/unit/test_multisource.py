@@ -104,7 +104,7 @@ def test_fuzzy_stays_in_the_neighbour_source(engine):
     t = np.concatenate([refs[0][:20], g.integers(400, 500, 5), refs[1][10:40], g.integers(400, 500, 5),
                         refs[2][:20]])
     m = engine.map_to_sources(t, [_fake_packed(engine, r) for r in refs],
-                              engine.config.with_(fuzzy_min_cos=-1.0, source_near=NEAR))
+                              engine.config.with_(fuzzy_min_cos=-1.0, source_near=NEAR))  # default is 0
     assert m.counts["fuzzy"] > 0
     _check_local(m.source, m.src_index, m.kind, [EXACT_TOKEN, FUZZY], NEAR)
     m0 = engine.map_to_sources(t, [_fake_packed(engine, r) for r in refs], engine.config.with_(source_near=0))
@@ -195,7 +195,8 @@ def test_one_source_is_exactly_the_single_reference_path(engine):
 
 def test_boundary_rows_are_forced(engine):
     ids, refs = _rag(engine)
-    base = engine.prefill_multi(ids, refs)
+    base = engine.prefill_multi(ids, refs, engine.config.with_(boundary_rows=0))
+    assert base.stats.mapping["boundary"] == 0
     more = engine.prefill_multi(ids, refs, engine.config.with_(boundary_rows=4))
     assert more.stats.mapping["boundary"] > 0
     assert more.stats.rows_per_layer[1] >= base.stats.rows_per_layer[1]
