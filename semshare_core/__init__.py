@@ -9,7 +9,7 @@ from .fingerprint import prompt_vector, similarity
 from .kv import KVFormatError, KVMismatchError, ModelSignature, PackedKV
 from .matching import TokenMapping, map_tokens
 
-_LAZY = {"SemanticIndex", "IndexEntry", "Match"}  # faiss is imported only when the index is used
+_LAZY = {"SemanticIndex", "IndexEntry", "Match", "SourceCover"}  # faiss is imported only when the index is used
 
 
 def __getattr__(name: str):

@@ -72,6 +72,27 @@ class SemShareConfig:
         attention mass is covered (0.95 kept only ~15-30% of tokens at the deepest
         layer on SmolLM2 whatever the budget, and cost quality, so the default 1.0
         lets the budget decide).
+    Several sources (RAG-shaped prompts, :mod:`semshare_core.sources`)
+        ``max_sources``: most cached prompts one hit reuses (1 = one reference, as
+        before). ``source_candidates``: top-k entries by cosine that
+        :meth:`semshare_core.index.SemanticIndex.lookup_sources` considers, each at least
+        ``source_min_sim``; a greedy cover then adds the candidate covering the most
+        not-yet-covered prompt ``ngram``-grams while it adds at least ``source_min_gain``
+        of them (share of the prompt's distinct n-grams). ``source_near``: lone-id and
+        fuzzy matches stay in the source of the run they continue, at most this many
+        positions from where it would continue (0, the default: such tokens are
+        recomputed). Measured (benchmarks/rag.py, SmolLM2, 1k/2k prompts of 3-4 sources):
+        with several sources only 1-3 tokens per prompt are left to these rules and
+        quality did not move beyond noise; a changed number's digits would land on the
+        stale number's digits in the same passage, so they are off by default.
+        ``boundary_rows``: with several sources, the first this-many tokens of each run
+        that does not continue the previous one (another source, or another place in
+        one) are recomputed on top of the budget (their reused K/V never saw the tokens
+        before them). Default 16: the layer-1 probe recomputes ~57% of the first 16
+        rows of each run vs ~24% of rows past 64 (their deep-layer K/V deviate 0.14-0.18
+        vs 0.08 from a full prefill's), and at 2k tokens forcing 16 more rows per boundary
+        lowered the perplexity ratio on all 4 prompts tried (median 1.05 -> 1.01), more
+        than spending the same rows on a higher recompute_ratio (0.4, 0.5).
     Fetch
         ``host_staging``: how a hit moves reference rows that live in host memory to the
         device (:mod:`semshare_core.staging`). ``layered``: one layer at a time through
@@ -105,6 +126,12 @@ class SemShareConfig:
     sink_tokens: int = 4
     seed: int = 0
     host_staging: str = "auto"
+    max_sources: int = 4
+    source_candidates: int = 8
+    source_min_sim: float = 0.1
+    source_min_gain: float = 0.05
+    source_near: int = 0
+    boundary_rows: int = 16
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -130,6 +157,12 @@ class SemShareConfig:
         check(0.0 < self.retention <= 1.0, f"retention must be in (0, 1], got {self.retention}")
         check(self.window >= 1, "window must be >= 1")
         check(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+        check(1 <= self.max_sources <= 64, f"max_sources must be in [1, 64], got {self.max_sources}")
+        check(1 <= self.source_candidates <= 1024, "source_candidates must be in [1, 1024]")
+        check(-1.0 <= self.source_min_sim <= 1.0, "source_min_sim must be in [-1, 1]")
+        check(0.0 <= self.source_min_gain <= 1.0, "source_min_gain must be in [0, 1]")
+        check(self.source_near >= 0, "source_near must be >= 0")
+        check(self.boundary_rows >= 0, "boundary_rows must be >= 0")
         check(self.host_staging in HOST_STAGINGS,
               f"host_staging must be one of {HOST_STAGINGS}, got {self.host_staging!r}")
 

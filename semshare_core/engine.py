@@ -27,8 +27,9 @@ from transformers import DynamicCache
 
 from .config import SemShareConfig
 from .fingerprint import prompt_vector, token_embeddings
-from .kv import ModelSignature, PackedKV
+from .kv import KVFormatError, KVMismatchError, ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
+from .sources import SourceMapping, map_sources
 from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
 from .prefill import full_prefill, selective_prefill
@@ -48,6 +49,12 @@ class PrefillStats:
     rows reached the model: "device" (``reference_kv`` given), "whole" (one pinned
     buffer), "layered" (per layer, :class:`semshare_core.staging.LayerFeed`), "cpu"
     (plain host gather); "" on a miss or a replay.
+
+    ``sources`` (only from :meth:`SemShareEngine.prefill_multi`): one dict per source given,
+    in the caller's order: ``index`` (position in the caller's list), ``tokens`` (its
+    length), ``rows`` (prompt tokens mapped to it), ``exact`` (of which exactly, by
+    token id), ``used`` (whether the hit read it), ``dropped`` (why it was not used:
+    signature mismatch, malformed, over ``max_sources``...; None if used or unused).
     """
 
     prompt_tokens: int
@@ -62,6 +69,7 @@ class PrefillStats:
     gather_ms: float = 0.0
     prefill_ms: float = 0.0
     staging: str = ""
+    sources: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +90,7 @@ class PrefillResult:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     stats: PrefillStats
-    mapping: TokenMapping | None = None
+    mapping: TokenMapping | SourceMapping | None = None  # SourceMapping: a several-source hit
     explicit_positions: bool = False
     exact: bool = False  # keys/values/logits are exactly a full prefill's
     kept: list[torch.Tensor] | None = None  # pruned: the positions each layer of ``cache`` holds
@@ -360,6 +368,172 @@ class SemShareEngine:
                              prefill_ms=(t3 - t2) * 1e3, staging=feed.staging)
         return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True,
                              kept=kept)
+
+    # several sources (RAG-shaped prompts) -------------------------------------------
+    def prefill_multi(self, ids: np.ndarray, sources: Sequence[PackedKV], config: SemShareConfig | None = None,
+                      sources_kv: Sequence[torch.Tensor | None] | None = None) -> PrefillResult:
+        """Prefill ``ids`` reusing the KV of several cached prompts at once.
+
+        ``sources``: packed KVs, best first (e.g. :meth:`SemanticIndex.lookup_sources`'s
+        order); ``sources_kv``: optionally, per source, its KV already on the engine's
+        device ``[L, 2, H, m, D]`` (None where it is not). A source that fails the model
+        signature, is malformed, or whose device tensor has the wrong shape is dropped
+        (``stats.sources[i]["dropped"]``) and the hit goes on with the others; with none
+        left it is a full prefill. Only the first ``max_sources`` good sources are read.
+        With one good source this is exactly :meth:`prefill` with that reference.
+        Each prompt token maps to (source, position) (:mod:`semshare_core.sources`), the
+        rows are gathered per source into one buffer and every key re-rotated by its own
+        offset; then the usual selective prefill runs, with the first ``boundary_rows``
+        tokens after each boundary (a run from another source or another place) forced
+        into the recomputed set.
+        """
+        cfg = config or self.config
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("empty prompt")
+        kvs = list(sources_kv) if sources_kv is not None else [None] * len(sources)
+        if len(kvs) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(kvs)} device tensors")
+        info, good = [], []
+        for i, (src, kv) in enumerate(zip(sources, kvs)):
+            rec = {"index": i, "tokens": 0, "rows": 0, "exact": 0, "used": False, "dropped": None}
+            info.append(rec)
+            try:
+                if not isinstance(src, PackedKV):
+                    raise KVFormatError(f"not a PackedKV: {type(src).__name__}")
+                rec["tokens"] = src.seq_len
+                self.signature.check(src.signature)
+                src.validate()
+                if src.seq_len == 0:
+                    raise KVFormatError("empty source")
+                if kv is not None and tuple(kv.shape) != tuple(src.data.shape):
+                    raise KVFormatError(f"device KV shape {tuple(kv.shape)} != packed {src.data.shape}")
+            except (KVMismatchError, KVFormatError) as e:
+                rec["dropped"] = str(e)
+                logger.warning("source %d dropped: %s", i, e)
+                continue
+            if len(good) >= cfg.max_sources:
+                rec["dropped"] = f"over max_sources={cfg.max_sources}"
+                continue
+            good.append(i)
+        with self.lock, torch.inference_mode():
+            if not good or ids.size < cfg.min_reuse_tokens:
+                pre = self._full(ids)
+            elif len(good) == 1:
+                i = good[0]
+                pre = self.prefill(ids, sources[i], cfg, kvs[i])
+                if pre.stats.hit:
+                    info[i]["used"] = True
+                    m = pre.mapping
+                    info[i]["rows"] = int(ids.size) if m is None else int((~m.must_recompute).sum())
+                    info[i]["exact"] = int(ids.size) if m is None else int(m.exact.sum())
+            else:
+                replay = next((i for i in good if cfg.replay_exact and sources[i].last_logits is not None
+                               and np.array_equal(sources[i].token_ids, ids)), None)
+                if replay is not None:
+                    pre = self._replay(ids, sources[replay], kvs[replay])
+                    info[replay].update(used=True, rows=int(ids.size), exact=int(ids.size))
+                else:
+                    pre = self._prefill_multi_hit(ids, [sources[i] for i in good], cfg, [kvs[i] for i in good])
+                    if pre.stats.hit:
+                        m = pre.mapping
+                        rows = m.rows_per_source()
+                        exact = np.bincount(m.source[m.exact].astype(np.int64), minlength=len(good)).tolist()
+                        for k, i in enumerate(good):
+                            info[i].update(used=rows[k] > 0, rows=int(rows[k]), exact=int(exact[k]))
+            pre.stats.sources = info
+            return pre
+
+    def map_to_sources(self, ids: np.ndarray, sources: Sequence[PackedKV],
+                       cfg: SemShareConfig | None = None) -> SourceMapping:
+        """Several-source mapping (:func:`semshare_core.sources.map_sources`); each source's
+        LSH tables come from the same per-reference cache as :meth:`map_to_reference`."""
+        cfg = cfg or self.config
+        return map_sources(ids, [s.token_ids for s in sources], anchor=cfg.anchor_ngram, near=cfg.source_near,
+                           fuzzy_min_cos=cfg.fuzzy_min_cos, embed=self._embed,
+                           source_lsh=lambda k: self._reference_lsh(sources[k], cfg))
+
+    def gather_sources(self, sources: Sequence[PackedKV], mapping: SourceMapping,
+                       sources_kv: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Rows of several sources in prompt order, each key re-rotated by its own offset
+        (prompt position - source position): ``[L, 2, H, n, D]`` (new memory, on the device).
+
+        One output buffer; per source one ``index_select`` of just the rows it gives
+        (on its device tensor when given, else on its host array) copied into place.
+        Unmapped rows are zero (they are recomputed in every layer).
+        """
+        n = int(mapping.source.size)
+        first = sources[0].data.shape
+        out = torch.empty((first[0], 2, first[2], n, first[4]), dtype=self.dtype, device=self.device)
+        kvs = list(sources_kv) if sources_kv is not None else [None] * len(sources)
+        src_t = torch.from_numpy(mapping.source.astype(np.int64))
+        pos_t = torch.from_numpy(mapping.src_index)
+        for k, (packed, kv) in enumerate(zip(sources, kvs)):
+            rows = torch.nonzero(src_t == k).reshape(-1)
+            if rows.numel() == 0:
+                continue
+            idx = pos_t[rows]
+            if kv is not None:
+                part = kv.index_select(3, idx.to(kv.device))
+            else:
+                part = packed.to_torch("cpu").index_select(3, idx)
+            out.index_copy_(3, rows.to(self.device), part.to(device=self.device, dtype=self.dtype))
+        none = torch.nonzero(src_t < 0).reshape(-1)
+        if none.numel():
+            out.index_fill_(3, none.to(self.device), 0)
+        delta = (torch.arange(n) - pos_t).to(self.device)
+        self.rerotate.rotate_(out[:, 0], delta)
+        return out
+
+    def source_forced(self, mapping: SourceMapping, cfg: SemShareConfig) -> np.ndarray:
+        """bool ``[n]``: rows a several-source hit must recompute: unmatched tokens, plus the
+        first ``boundary_rows`` tokens of each run that does not continue the previous one
+        (:meth:`SourceMapping.boundaries`; the last ``window``
+        tokens are added by the prefill itself)."""
+        forced = mapping.must_recompute.copy()
+        if cfg.boundary_rows > 0:
+            n = forced.size
+            for i in mapping.boundaries().tolist():
+                forced[i:min(n, i + cfg.boundary_rows)] = True
+        return forced
+
+    def _prefill_multi_hit(self, ids: np.ndarray, sources: list[PackedKV], cfg: SemShareConfig,
+                           sources_kv: list[torch.Tensor | None]) -> PrefillResult:
+        n, L = int(ids.size), self.num_layers
+        t0 = self._clock()
+        mapping = self.map_to_sources(ids, sources, cfg)
+        forced = self.source_forced(mapping, cfg)
+        t1 = self._clock()
+        if cfg.recompute_ratio < 1.0:
+            f = forced.copy()
+            f[max(0, n - cfg.window):] = True
+            if self.planned_rows(n, int(f.sum()), cfg) >= n * L:
+                return self._full(ids, mapping_ms=(t1 - t0) * 1e3)
+        buf = self.gather_sources(sources, mapping, sources_kv)
+        staging = "device" if any(kv is not None for kv in sources_kv) else (
+            "cpu" if self.device.type == "cpu" else "whole")
+        feed = ImmediateFeed(buf, staging)
+        t2 = self._clock()
+        prune = cfg.retention < 1.0
+        out = selective_prefill(self.model, torch.from_numpy(ids), feed, torch.from_numpy(forced), cfg,
+                                record_attention=prune)
+        kept = None
+        if prune:
+            floor = min(n, cfg.sink_tokens + cfg.window)
+            budgets = [max(b, floor) for b in layer_budgets(n, L, cfg.retention_share)]
+            kept = [retained_indices(out.importance[l], budgets[l], cfg.recovery, cfg.sink_tokens, cfg.window)
+                    for l in range(L)]
+        cache = pruned_cache(out.keys, out.values, kept)
+        t3 = self._clock()
+        recomputed = out.rows_per_layer[1] if L > 1 else n
+        counts = dict(mapping.counts)
+        counts["boundary"] = int((forced & ~mapping.must_recompute).sum())
+        stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
+                             rows_per_layer=out.rows_per_layer, probe_rows=out.probe_rows,
+                             retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
+                             mapping=counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
+                             prefill_ms=(t3 - t2) * 1e3, staging=feed.staging)
+        return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True)
 
     # decode ----------------------------------------------------------------------
     def decode(self, pre: PrefillResult, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,

@@ -40,8 +40,30 @@ class Match:
     similarity: float
 
 
+@dataclass(frozen=True)
+class SourceCover:
+    """A several-source lookup result (:meth:`SemanticIndex.lookup_sources`).
+
+    ``matches``: the chosen entries, in the order they were picked (the first is what
+    :meth:`SemanticIndex.lookup` returns whenever that clears the threshold);
+    ``gains``: share of the prompt's distinct n-grams each one added; ``covered``: share
+    covered by all of them; ``candidates``: entries considered; ``coverage_any``: share
+    covered by the union of all candidates (an upper bound for the chosen set).
+    """
+
+    matches: list[Match]
+    gains: list[float]
+    covered: float
+    candidates: int
+    coverage_any: float
+
+    @property
+    def entries(self) -> list[IndexEntry]:
+        return [m.entry for m in self.matches]
+
+
 class SemanticIndex:
-    """Top-1 semantic lookup with LRU eviction by items and bytes."""
+    """Top-1 semantic lookup (and a several-source cover) with LRU eviction by items and bytes."""
 
     def __init__(self, dim: int, max_items: int = 1024, max_bytes: int = 1 << 30,
                  tenant_max_items: int | None = None, tenant_max_bytes: int | None = None):
@@ -57,6 +79,7 @@ class SemanticIndex:
         self._tenant_bytes: dict[str, int] = defaultdict(int)
         self._tenant_items: dict[str, int] = defaultdict(int)
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "inserts": 0, "rejected": 0}
+        self._grams: dict[str, dict[int, np.ndarray]] = {}  # key -> {n: sorted distinct n-gram hashes}
 
     # writes ----------------------------------------------------------------------
     def add(self, key: str, vector: np.ndarray, token_ids: np.ndarray, nbytes: int, payload: Any,
@@ -90,6 +113,7 @@ class SemanticIndex:
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
+        self._grams.pop(key, None)
         self._faiss[entry.tenant].remove_ids(np.array([entry.faiss_id], dtype=np.int64))
         del self._by_id[entry.faiss_id]
         self._bytes -= entry.nbytes
@@ -137,6 +161,71 @@ class SemanticIndex:
         entry.hits += 1
         self.counters["hits"] += 1
         return Match(entry, sim)
+
+    def lookup_sources(self, vector: np.ndarray, token_ids: np.ndarray, tenant: str = "default",
+                       threshold: float = 0.3, k: int = 8, max_sources: int = 4, min_gain: float = 0.05,
+                       min_sim: float = 0.1, ngram: int = 3) -> SourceCover | None:
+        """Several entries of ``tenant`` that together cover the prompt ``token_ids``.
+
+        The best ``k`` entries by cosine with similarity >= ``min_sim`` are candidates.
+        The first source is the top-1 entry when it clears ``threshold`` (exactly what
+        :meth:`lookup` returns), else the candidate covering most of the prompt's distinct
+        ``ngram``-grams. Then, greedily, the candidate covering the most not-yet-covered
+        n-grams is added while it adds at least ``min_gain`` (share of the prompt's
+        distinct n-grams) and fewer than ``max_sources`` are chosen. A prompt covered well
+        by one entry therefore gets that entry alone. Without a top-1 above
+        ``threshold``, the chosen set must cover at least ``threshold`` of the prompt's
+        n-grams, else it is a miss (None). Chosen entries are marked used.
+        """
+        from .fingerprint import ngram_hashes
+
+        found = [(e, s) for e, s in self.search(vector, tenant, k=max(1, k))]
+        top_ok = bool(found) and found[0][1] >= threshold
+        cands = [(e, s) for i, (e, s) in enumerate(found) if s >= min_sim or (i == 0 and top_ok)]
+        prompt = np.unique(ngram_hashes(np.asarray(token_ids, dtype=np.int64).reshape(-1), ngram))
+        if not cands or (prompt.size == 0 and not top_ok):
+            self.counters["misses"] += 1
+            return None
+        cover = [np.isin(prompt, self._entry_grams(e, ngram)) for e, _ in cands]
+        total = max(1, prompt.size)
+        any_cov = np.logical_or.reduce(cover) if cover else np.zeros(prompt.size, dtype=bool)
+        first = 0 if top_ok else int(np.argmax([c.sum() for c in cover]))
+        chosen, gains = [first], [float(cover[first].sum()) / total]
+        covered = cover[first].copy()
+        while len(chosen) < max_sources:
+            best, best_gain = -1, 0
+            for i, c in enumerate(cover):
+                if i in chosen:
+                    continue
+                g = int((c & ~covered).sum())
+                if g > best_gain:
+                    best, best_gain = i, g
+            if best < 0 or best_gain / total < min_gain:
+                break
+            chosen.append(best)
+            gains.append(best_gain / total)
+            covered |= cover[best]
+        share = float(covered.sum()) / total
+        if not top_ok and share < threshold:
+            self.counters["misses"] += 1
+            return None
+        matches = []
+        for i in chosen:
+            entry, sim = cands[i]
+            self.touch(entry.key)
+            entry.hits += 1
+            matches.append(Match(entry, sim))
+        self.counters["hits"] += 1
+        return SourceCover(matches, gains, share, len(cands), float(any_cov.sum()) / total)
+
+    def _entry_grams(self, entry: IndexEntry, n: int) -> np.ndarray:
+        from .fingerprint import ngram_hashes
+
+        per = self._grams.setdefault(entry.key, {})
+        g = per.get(n)
+        if g is None:
+            g = per[n] = np.unique(ngram_hashes(entry.token_ids, n))
+        return g
 
     def touch(self, key: str) -> bool:
         """Mark ``key`` most recently used (last to be evicted); False when it is absent.

@@ -203,6 +203,12 @@ class ReferenceLSH:
 
     def match(self, query: torch.Tensor, min_cos: float) -> tuple[np.ndarray, np.ndarray]:
         """For each row of ``query`` ``[q, d]`` (position-aware embeddings) the best reference row."""
+        return self.match_near(query, min_cos)
+
+    def match_near(self, query: torch.Tensor, min_cos: float, centers: np.ndarray | None = None,
+                   radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`match`, with candidates of row ``i`` limited to reference positions within
+        ``radius`` of ``centers[i]`` when both are given (several-source mapping)."""
         q = query.shape[0]
         idx, ok = np.zeros(q, dtype=np.int64), np.zeros(q, dtype=bool)
         if q == 0 or self.ids.size == 0:
@@ -212,6 +218,8 @@ class ReferenceLSH:
         empty = np.zeros(0, dtype=np.int64)
         cands = [np.unique(np.concatenate([b.get(c[i], empty) for b, c in zip(self.buckets, qcodes)]))
                  for i in range(q)]
+        if centers is not None and radius is not None:
+            cands = [c[np.abs(c - int(centers[i])) <= radius] for i, c in enumerate(cands)]
         rows = np.unique(np.concatenate(cands)) if cands else empty
         if rows.size == 0:
             return idx, ok
