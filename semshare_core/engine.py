@@ -26,12 +26,13 @@ import torch
 from transformers import DynamicCache
 
 from .config import SemShareConfig
+from .families import family_of
 from .fingerprint import prompt_vector, token_embeddings
 from .kv import ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
-from .prefill import full_prefill, layer_step, model_step, selective_prefill
+from .prefill import full_length_cache, full_prefill, layer_step, model_step, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
 
@@ -114,6 +115,7 @@ class SemShareEngine:
     """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SemShareConfig | None = None):
+        self.family = family_of(model)  # UnsupportedModelError names what the method cannot do
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or SemShareConfig()
@@ -192,7 +194,7 @@ class SemShareEngine:
         """
         t0 = self._clock()
         kv = (reference_kv if reference_kv is not None else reference.to_torch("cpu")).to(self.device, self.dtype)
-        cache = DynamicCache(config=self.model.config)
+        cache = full_length_cache()  # all n rows per layer, also with a sliding window (export needs them)
         for l in range(self.num_layers):  # update() copies (torch.cat): the reference stays untouched
             cache.update(kv[l, 0].unsqueeze(0), kv[l, 1].unsqueeze(0), l)
         keys = [layer.keys for layer in cache.layers]
