@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -56,6 +57,9 @@ class KVIndex:
     """Plain class (testable without Ray except for ``ray.put``): index + counters."""
 
     MAX_DEAD = 4096  # replica ids remembered as gone (replica ids are never reused)
+    # per-namespace hit/miss counters kept (least recently used forgotten first): a client
+    # sending a new cache_salt per request would otherwise grow them without bound
+    MAX_NAMESPACE_COUNTERS = 4096
 
     def __init__(self, dim: int, max_items: int = 1024, max_bytes: int = 1 << 31,
                  tenant_max_items: Optional[int] = None, tenant_max_bytes: Optional[int] = None):
@@ -65,13 +69,20 @@ class KVIndex:
         self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "reuse_errors": 0,
                          "registered": 0, "rejected": 0, "injected_faults": 0,
                          "dead_holders": 0, "dropped_hot": 0, "late_hot_refused": 0}
-        self.tenant_counters: dict[str, dict[str, int]] = {}
+        self.tenant_counters: OrderedDict[str, dict[str, int]] = OrderedDict()
         self.meta: dict[str, EntryMeta] = {}
         # replicas reported gone (insertion order, bounded): their late add_hot is refused
         self._dead: dict[str, None] = {}
 
     def _tc(self, tenant: str) -> dict[str, int]:
-        return self.tenant_counters.setdefault(tenant, {"hits": 0, "misses": 0})
+        c = self.tenant_counters.get(tenant)
+        if c is None:
+            c = self.tenant_counters[tenant] = {"hits": 0, "misses": 0}
+            while len(self.tenant_counters) > self.MAX_NAMESPACE_COUNTERS:
+                self.tenant_counters.popitem(last=False)
+        else:
+            self.tenant_counters.move_to_end(tenant)
+        return c
 
     def _forget(self, entries) -> None:
         for e in entries:

@@ -38,11 +38,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from semshare_core.namespaces import SALT_SEPARATOR, quota_owner
+
 from .auth import TENANT_RE, AuthConfigError, KeyRing, Principal, open_mode_principal
 from .front import Front
 from .http_edge import BodyReader, header_problem, replay
 from .observability import IngressMetrics, access_record, log_access, outcome_of
-from .protocol import ClientError
+from .protocol import NAMESPACE_RE, ClientError
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
                       error_body)
 from .settings import AppArgs
@@ -279,13 +281,16 @@ def _request_info(request: Request) -> dict:
 
 def salted_tenant(tenant: str, salt: Optional[str]) -> str:
     """The index namespace for ``tenant`` + ``cache_salt``: requests share cached KV only with
-    the same tenant AND salt. A valid tenant name (<= 64 chars), derived from a hash of both,
-    so no salt can reach another tenant's entries or the unsalted ones."""
+    the same tenant AND salt: ``<tenant>.salt-<20 hex of a hash of both>``, so no salt can
+    reach another tenant's entries or the unsalted ones. The tenant is kept whole: the index
+    counts a salted namespace against that tenant's quota
+    (:func:`semshare_core.index.quota_owner`), so a salt flood only evicts the flooder's own
+    entries. Tenant names never contain ``.salt-`` (:data:`serve_app.auth.TENANT_RE`)."""
     if salt is None:
         return tenant
     digest = hashlib.sha256(f"{tenant}\0{salt}".encode("utf-8")).hexdigest()[:20]
-    name = f"{tenant[:38]}.salt-{digest}"  # <= 64 chars
-    assert TENANT_RE.match(name)
+    name = f"{tenant}{SALT_SEPARATOR}{digest}"  # <= 64 + 26 chars (protocol.TENANT_PATTERN)
+    assert NAMESPACE_RE.match(name) and quota_owner(name) == tenant
     return name
 
 
