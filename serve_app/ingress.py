@@ -37,6 +37,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from semshare_core.namespaces import SALT_SEPARATOR, quota_owner
 
@@ -213,19 +214,34 @@ class Guard:
                 status["code"] = msg["status"]
             await send(msg)
 
+        async def receive_():
+            msg = await receive()
+            if msg.get("type") == "http.disconnect":  # Starlette's streaming response listens for it
+                info["disconnected"] = True
+            return msg
+
         outcome, error = None, None
         try:
-            return await app_(scope, receive, send_)
+            return await app_(scope, receive_, send_)
         except asyncio.CancelledError:  # the client hung up (Serve cancels the request)
             outcome = "cancelled"
             self.counters["cancelled"] += 1
             raise
+        except ClientDisconnect:  # a send after the client left (ASGI spec >= 2.4 streams: OSError on send)
+            outcome = "cancelled"
+            self.counters["cancelled"] += 1
+            return None  # nobody to answer
         except Exception as e:
             error = type(e).__name__
             raise
         finally:
             code = status["code"] or (499 if outcome == "cancelled" else 500)
             done = info["done"]
+            if outcome is None and done is None and info.get("disconnected"):
+                # a stream cut mid-way: the response ended because the client left, not on an error
+                # (anything the stream reported in-band after the hang-up is a consequence of it)
+                outcome = "cancelled"
+                self.counters["cancelled"] += 1
             if outcome is None:
                 outcome = info.get("outcome") or (outcome_of(done) if done is not None and code < 400 else "error")
             if outcome == "cancelled":
