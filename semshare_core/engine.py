@@ -26,13 +26,14 @@ import torch
 from transformers import DynamicCache
 
 from .config import SemShareConfig
+from .families import family_of
 from .fingerprint import prompt_vector, token_embeddings
 from .kv import KVFormatError, KVMismatchError, ModelSignature, PackedKV
 from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .sources import SourceMapping, map_sources
 from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
-from .prefill import full_prefill, selective_prefill
+from .prefill import full_length_cache, full_prefill, selective_prefill
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
 
@@ -123,6 +124,7 @@ class SemShareEngine:
     """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SemShareConfig | None = None):
+        self.family = family_of(model)  # UnsupportedModelError names what the method cannot do
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or SemShareConfig()
@@ -196,7 +198,7 @@ class SemShareEngine:
         if chunk is None or chunk >= ids.size:
             with self.lock, torch.inference_mode():
                 return self._full(ids)
-        cache, ms = DynamicCache(config=self.model.config), 0.0
+        cache, ms = full_length_cache(), 0.0  # every row, also with a sliding window (export needs them)
         t = torch.from_numpy(ids)
         logits = None
         for a in range(0, int(ids.size), chunk):
@@ -240,7 +242,7 @@ class SemShareEngine:
         """
         t0 = self._clock()
         kv = (reference_kv if reference_kv is not None else reference.to_torch("cpu")).to(self.device, self.dtype)
-        cache = DynamicCache(config=self.model.config)
+        cache = full_length_cache()  # all n rows per layer, also with a sliding window (export needs them)
         for l in range(self.num_layers):  # update() copies (torch.cat): the reference stays untouched
             cache.update(kv[l, 0].unsqueeze(0), kv[l, 1].unsqueeze(0), l)
         keys = [layer.keys for layer in cache.layers]

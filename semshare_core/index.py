@@ -1,10 +1,18 @@
 """`SemanticIndex`: prompts' retrieval vectors in faiss, with their KV payloads.
 
 Plain class (no Ray): the server's index actor wraps it. One faiss inner-product
-index per tenant, so a lookup can only ever see its own tenant's entries. Capacity is
-bounded by ``max_items`` AND ``max_bytes`` (globally, and optionally per tenant);
-when an insert would exceed a bound, least-recently-used entries are evicted first
-(entries of the same tenant first when a tenant quota is what is exceeded).
+index per *namespace* (a tenant, or a tenant's ``cache_salt`` namespace), so a lookup
+can only ever see its own namespace's entries. Capacity is bounded by ``max_items``
+AND ``max_bytes`` (globally, and optionally per tenant).
+
+Quotas and fairness are per *owner*: the tenant a namespace belongs to
+(:func:`quota_owner`; a salted namespace ``<tenant>.salt-<hash>`` belongs to
+``<tenant>``). So a client that sends a new ``cache_salt`` with every request fills
+only its own tenant's quota, and when the whole index is full the entry evicted is the
+least recently used one of an owner at or over its fair share (``max / owners``, in
+items or bytes): the inserting tenant's own entries first when it is the one over, never
+an under-share tenant's while someone is over. Empty namespaces give back their faiss
+index and counters.
 The payload is opaque (a :class:`~semshare_core.kv.PackedKV`, or an object-store
 reference in the server); ``nbytes`` is what counts against the byte cap.
 """
@@ -14,10 +22,12 @@ import itertools
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
+
+from .namespaces import SALT_SEPARATOR, quota_owner  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -66,18 +76,23 @@ class SemanticIndex:
     """Top-1 semantic lookup (and a several-source cover) with LRU eviction by items and bytes."""
 
     def __init__(self, dim: int, max_items: int = 1024, max_bytes: int = 1 << 30,
-                 tenant_max_items: int | None = None, tenant_max_bytes: int | None = None):
+                 tenant_max_items: int | None = None, tenant_max_bytes: int | None = None,
+                 owner_of: Callable[[str], str] = quota_owner):
         if dim <= 0 or max_items <= 0 or max_bytes <= 0:
             raise ValueError("dim, max_items and max_bytes must be positive")
         self.dim, self.max_items, self.max_bytes = dim, max_items, max_bytes
         self.tenant_max_items, self.tenant_max_bytes = tenant_max_items, tenant_max_bytes
+        self.owner_of = owner_of
         self._entries: OrderedDict[str, IndexEntry] = OrderedDict()  # LRU order: oldest first
-        self._faiss: dict[str, faiss.IndexIDMap2] = {}
+        self._faiss: dict[str, faiss.IndexIDMap2] = {}  # per namespace; dropped when empty
         self._by_id: dict[int, str] = {}
         self._ids = itertools.count(1)
         self._bytes = 0
+        # per namespace and per owner (tenant); keys are dropped when they reach zero
         self._tenant_bytes: dict[str, int] = defaultdict(int)
         self._tenant_items: dict[str, int] = defaultdict(int)
+        self._owner_bytes: dict[str, int] = defaultdict(int)
+        self._owner_items: dict[str, int] = defaultdict(int)
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "inserts": 0, "rejected": 0}
         self._grams: dict[str, dict[int, np.ndarray]] = {}  # key -> {n: sorted distinct n-gram hashes}
 
@@ -106,6 +121,9 @@ class SemanticIndex:
         self._bytes += entry.nbytes
         self._tenant_bytes[tenant] += entry.nbytes
         self._tenant_items[tenant] += 1
+        owner = self.owner_of(tenant)
+        self._owner_bytes[owner] += entry.nbytes
+        self._owner_items[owner] += 1
         self.counters["inserts"] += 1
         return evicted
 
@@ -114,11 +132,19 @@ class SemanticIndex:
         if entry is None:
             return None
         self._grams.pop(key, None)
-        self._faiss[entry.tenant].remove_ids(np.array([entry.faiss_id], dtype=np.int64))
+        ns, owner = entry.tenant, self.owner_of(entry.tenant)
+        index = self._faiss[ns]
+        index.remove_ids(np.array([entry.faiss_id], dtype=np.int64))
         del self._by_id[entry.faiss_id]
         self._bytes -= entry.nbytes
-        self._tenant_bytes[entry.tenant] -= entry.nbytes
-        self._tenant_items[entry.tenant] -= 1
+        self._tenant_bytes[ns] -= entry.nbytes
+        self._tenant_items[ns] -= 1
+        self._owner_bytes[owner] -= entry.nbytes
+        self._owner_items[owner] -= 1
+        if self._tenant_items[ns] == 0:  # an empty namespace (e.g. a one-off salt) keeps nothing
+            del self._faiss[ns], self._tenant_items[ns], self._tenant_bytes[ns]
+        if self._owner_items[owner] == 0:
+            del self._owner_items[owner], self._owner_bytes[owner]
         return entry
 
     def clear(self, tenant: str | None = None) -> list[IndexEntry]:
@@ -127,19 +153,48 @@ class SemanticIndex:
         return [self.remove(k) for k in keys]
 
     def _make_room(self, tenant: str, nbytes: int) -> list[IndexEntry]:
+        """Evict until an entry of ``nbytes`` for namespace ``tenant`` fits; returns the evicted.
+
+        First the owner's own quota (``tenant_max_*``, over all its namespaces: its own
+        least recently used entries go). Then the global caps: the least recently used
+        entry among owners at or over their fair share (:meth:`_over_share`).
+        """
         evicted = []
+        owner = self.owner_of(tenant)
 
         def over_tenant() -> bool:
-            return ((self.tenant_max_items is not None and self._tenant_items[tenant] + 1 > self.tenant_max_items)
-                    or (self.tenant_max_bytes is not None and self._tenant_bytes[tenant] + nbytes > self.tenant_max_bytes))
+            return ((self.tenant_max_items is not None and self._owner_items[owner] + 1 > self.tenant_max_items)
+                    or (self.tenant_max_bytes is not None
+                        and self._owner_bytes[owner] + nbytes > self.tenant_max_bytes))
 
-        while over_tenant():
-            oldest = next(k for k, e in self._entries.items() if e.tenant == tenant)
+        while self._owner_items.get(owner) and over_tenant():
+            oldest = next(k for k, e in self._entries.items() if self.owner_of(e.tenant) == owner)
             evicted.append(self.remove(oldest))
         while self._entries and (len(self._entries) + 1 > self.max_items or self._bytes + nbytes > self.max_bytes):
-            evicted.append(self.remove(next(iter(self._entries))))
+            evicted.append(self.remove(self._victim(owner, nbytes)))
         self.counters["evictions"] += len(evicted)
         return evicted
+
+    def _over_share(self, owner: str, inserting: str, nbytes: int, owners: int) -> bool:
+        """``owner`` holds at least its fair share (``1 / owners`` of the items or bytes cap),
+        counting the entry ``inserting`` is about to add."""
+        items = self._owner_items.get(owner, 0) + (owner == inserting)
+        size = self._owner_bytes.get(owner, 0) + (nbytes if owner == inserting else 0)
+        return items * owners > self.max_items or size * owners > self.max_bytes or (
+            owner == inserting and items * owners >= self.max_items)
+
+    def _victim(self, inserting: str, nbytes: int) -> str:
+        """Key to evict when the index is full: the inserting owner's LRU entry when it is over
+        its fair share, else the LRU entry of any owner over its share, else the global LRU."""
+        owners = len(self._owner_items) + (inserting not in self._owner_items)
+        over = {o for o in self._owner_items if self._over_share(o, inserting, nbytes, owners)}
+        if inserting in over:
+            over = {inserting}
+        if over:
+            for k, e in self._entries.items():
+                if self.owner_of(e.tenant) in over:
+                    return k
+        return next(iter(self._entries))
 
     # reads -----------------------------------------------------------------------
     def search(self, vector: np.ndarray, tenant: str = "default", k: int = 4) -> list[tuple[IndexEntry, float]]:
@@ -255,13 +310,19 @@ class SemanticIndex:
         return self._bytes
 
     def stats(self, tenant: str | None = None) -> dict:
+        """Global stats, or one namespace's (``entries``/``bytes``) with its owner's quota use
+        (``owner``, ``owner_entries``, ``owner_bytes``: all the owner's namespaces together)."""
         if tenant is not None:
+            owner = self.owner_of(tenant)
             return {"tenant": tenant, "entries": self._tenant_items.get(tenant, 0),
-                    "bytes": self._tenant_bytes.get(tenant, 0)}
+                    "bytes": self._tenant_bytes.get(tenant, 0), "owner": owner,
+                    "owner_entries": self._owner_items.get(owner, 0), "owner_bytes": self._owner_bytes.get(owner, 0)}
         return {"entries": len(self._entries), "bytes": self._bytes, "max_items": self.max_items,
                 "max_bytes": self.max_bytes, **self.counters,
                 "tenants": {t: {"entries": c, "bytes": self._tenant_bytes[t]}
-                            for t, c in self._tenant_items.items() if c}}
+                            for t, c in self._tenant_items.items() if c},
+                "owners": {o: {"entries": c, "bytes": self._owner_bytes[o]} for o, c in self._owner_items.items()},
+                "namespaces": len(self._faiss)}
 
     def _check_vector(self, vector: np.ndarray) -> np.ndarray:
         vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))

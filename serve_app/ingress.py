@@ -37,12 +37,15 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from semshare_core.namespaces import SALT_SEPARATOR, quota_owner
 
 from .auth import TENANT_RE, AuthConfigError, KeyRing, Principal, open_mode_principal
 from .front import Front
 from .http_edge import BodyReader, header_problem, replay
 from .observability import IngressMetrics, access_record, log_access, outcome_of
-from .protocol import ClientError
+from .protocol import NAMESPACE_RE, ClientError
 from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, GenerateRequest, GenerateResponse,
                       error_body)
 from .settings import AppArgs
@@ -211,19 +214,34 @@ class Guard:
                 status["code"] = msg["status"]
             await send(msg)
 
+        async def receive_():
+            msg = await receive()
+            if msg.get("type") == "http.disconnect":  # Starlette's streaming response listens for it
+                info["disconnected"] = True
+            return msg
+
         outcome, error = None, None
         try:
-            return await app_(scope, receive, send_)
+            return await app_(scope, receive_, send_)
         except asyncio.CancelledError:  # the client hung up (Serve cancels the request)
             outcome = "cancelled"
             self.counters["cancelled"] += 1
             raise
+        except ClientDisconnect:  # a send after the client left (ASGI spec >= 2.4 streams: OSError on send)
+            outcome = "cancelled"
+            self.counters["cancelled"] += 1
+            return None  # nobody to answer
         except Exception as e:
             error = type(e).__name__
             raise
         finally:
             code = status["code"] or (499 if outcome == "cancelled" else 500)
             done = info["done"]
+            if outcome is None and done is None and info.get("disconnected"):
+                # a stream cut mid-way: the response ended because the client left, not on an error
+                # (anything the stream reported in-band after the hang-up is a consequence of it)
+                outcome = "cancelled"
+                self.counters["cancelled"] += 1
             if outcome is None:
                 outcome = info.get("outcome") or (outcome_of(done) if done is not None and code < 400 else "error")
             if outcome == "cancelled":
@@ -279,13 +297,16 @@ def _request_info(request: Request) -> dict:
 
 def salted_tenant(tenant: str, salt: Optional[str]) -> str:
     """The index namespace for ``tenant`` + ``cache_salt``: requests share cached KV only with
-    the same tenant AND salt. A valid tenant name (<= 64 chars), derived from a hash of both,
-    so no salt can reach another tenant's entries or the unsalted ones."""
+    the same tenant AND salt: ``<tenant>.salt-<20 hex of a hash of both>``, so no salt can
+    reach another tenant's entries or the unsalted ones. The tenant is kept whole: the index
+    counts a salted namespace against that tenant's quota
+    (:func:`semshare_core.index.quota_owner`), so a salt flood only evicts the flooder's own
+    entries. Tenant names never contain ``.salt-`` (:data:`serve_app.auth.TENANT_RE`)."""
     if salt is None:
         return tenant
     digest = hashlib.sha256(f"{tenant}\0{salt}".encode("utf-8")).hexdigest()[:20]
-    name = f"{tenant[:38]}.salt-{digest}"  # <= 64 chars
-    assert TENANT_RE.match(name)
+    name = f"{tenant}{SALT_SEPARATOR}{digest}"  # <= 64 + 26 chars (protocol.TENANT_PATTERN)
+    assert NAMESPACE_RE.match(name) and quota_owner(name) == tenant
     return name
 
 

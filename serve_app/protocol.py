@@ -21,9 +21,10 @@ from typing import Any, Literal, Optional, TypedDict
 
 import numpy as np
 
-TENANT_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+# an index namespace: a tenant name, or a tenant's cache_salt namespace (ingress.salted_tenant)
+TENANT_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}(?:\.salt-[0-9a-f]{20})?$"
 KEY_PATTERN = r"^[A-Za-z0-9_.\-:/]{1,128}$"
-TENANT_RE = re.compile(TENANT_PATTERN)
+TENANT_RE = NAMESPACE_RE = re.compile(TENANT_PATTERN)
 KEY_RE = re.compile(KEY_PATTERN)
 MIN_TEMPERATURE = 1e-3  # below: greedy (logits / 5e-324 overflow the softmax)
 

@@ -107,7 +107,7 @@ class _OpenAIBase(_Sampling):
     # OpenAI clients send many optional fields; unknown ones are ignored, not errors.
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[StrictStr] = None
+    model: Optional[Text] = None
     max_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOKENS_HARD)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOKENS_HARD)
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
@@ -116,7 +116,7 @@ class _OpenAIBase(_Sampling):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     stop: Stop = None
-    user: Optional[StrictStr] = None
+    user: Optional[Text] = None  # OpenAI's end-user id: accepted, unused, valid Unicode like every string
 
 
 class CompletionRequest(_OpenAIBase):

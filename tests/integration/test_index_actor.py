@@ -76,3 +76,32 @@ def test_byte_cap_eviction_and_accounting(server, engine):
     assert ray.get(actor.stats.remote())["bytes"] == 0
     ray.kill(actor)
     ray.kill(tiny)
+
+
+def test_salt_flood_through_the_actor_leaves_other_tenants(server, engine):
+    """One tenant registers under a fresh cache_salt each time (as the ingress names them):
+    the other tenant's entries stay, and the actor's per-namespace state stays bounded."""
+    import ray
+
+    from serve_app.index_actor import get_or_create_index_actor
+    from serve_app.ingress import salted_tenant
+
+    ids, vec, packed = _entry(engine, 0)
+    actor = get_or_create_index_actor("salt-flood-test", "semshare_it", engine.config.fingerprint_dim,
+                                      max_items=16, max_bytes=1 << 40, detached=False)
+    rng = np.random.default_rng(1)
+    bob = [rng.standard_normal(vec.size).astype(np.float32) for _ in range(4)]
+    bob = [v / np.linalg.norm(v) for v in bob]
+    for i, v in enumerate(bob):
+        assert ray.get(actor.register.remote(f"bob:{i}", v, ids, packed, "bob"))["stored"]
+    refs = []
+    for i in range(60):
+        ns = salted_tenant("mallory", f"salt-{rng.integers(1 << 62)}")
+        refs.append(actor.register.remote(f"{ns}:k", vec, ids, packed, ns))
+        refs.append(actor.lookup.remote(vec, ns, 0.5))
+    ray.get(refs)
+    for v in bob:
+        assert ray.get(actor.lookup.remote(v, "bob", 0.99)) is not None
+    st = ray.get(actor.stats.remote())
+    assert st["entries"] == 16 and st["tenants"]["bob"]["entries"] == 4
+    ray.kill(actor)

@@ -143,7 +143,11 @@ def test_lone_surrogate_is_a_clean_422_everywhere(server):
         "/v1/completions": '{"prompt": %s}' % bad,
         "/v1/chat/completions": '{"messages": [{"role": "user", "content": %s}]}' % bad,
     }
-    for route, body in bodies.items():
+    items = list(bodies.items()) + [  # every string field, not only the prompt
+        ("/v1/completions", '{"prompt": "hi", "user": %s}' % bad),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "model": %s}' % bad),
+    ]
+    for route, body in items:
         err = is_error(server.http.post(route, content=body, headers={"content-type": "application/json"}), 422)
         assert "lone surrogate" in err["message"], (route, err)
         assert "template" not in err["message"]
@@ -336,6 +340,19 @@ def test_client_hangups_are_cancelled_not_500(server):
     assert not any("unhandled error" in ln or "Traceback" in ln for ln in new), \
         [ln for ln in new if "unhandled" in ln or "Traceback" in ln][:3]
     assert not any(" 500 " in ln for ln in new), [ln for ln in new if " 500 " in ln][:3]
+
+
+def test_exactly_max_header_count_client_headers_pass(server):
+    """Serve's proxy adds x-request-id before the app counts: the limit is the client's headers."""
+    from serve_app.settings import AppArgs
+
+    limit = AppArgs().max_header_count
+    base = {"host", "accept", "accept-encoding", "connection", "user-agent"}  # what httpx sends on a GET
+    with httpx.Client(base_url=server.base, timeout=30) as c:
+        extra = {f"x-h-{i}": "v" for i in range(limit - len(base))}
+        assert c.get("/health", headers=extra).status_code == 200
+        extra["x-one-more"] = "v"
+        is_error(c.get("/health", headers=extra), 431)
 
 
 @pytest.mark.parametrize("headers,label", [

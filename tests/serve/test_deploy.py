@@ -65,6 +65,42 @@ def test_rayservice_manifest_validates():
         assert str(Path(a.api_keys_file).parent) in mounts
 
 
+def _gib(quantity: str) -> float:
+    return float(quantity[:-2]) if quantity.endswith("Gi") else float(quantity) / 2**30
+
+
+def test_index_actor_pinned_to_the_head_with_an_object_store_for_the_index():
+    import json
+
+    from serve_app.index_actor import INDEX_RESOURCES_ENV, index_actor_options
+
+    m = manifest()
+    a = resolve_args(app_args(yaml.safe_load(m["spec"]["serveConfigV2"])))
+    rc = m["spec"]["rayClusterConfig"]
+    head, (gpu,) = rc["headGroupSpec"], rc["workerGroupSpecs"]
+    # KubeRay passes `resources` to `ray start --resources` as a quoted JSON string
+    head_res = json.loads(json.loads(head["rayStartParams"]["resources"]))
+    assert "resources" not in gpu["rayStartParams"]
+    demands = set()
+    for group in (head, gpu):
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        opts = index_actor_options("i", "ns", environ=env)
+        demands.add(tuple(sorted(opts["resources"].items())))
+    (demand,) = demands
+    assert all(head_res.get(k, 0) >= v > 0 for k, v in demand)  # only the head can host it
+    store = int(head["rayStartParams"]["object-store-memory"])
+    assert store >= a.index_max_bytes + (2 << 30)  # the index plus registrations in flight
+    spec = head["template"]["spec"]
+    shm = next(v for v in spec["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory" and _gib(shm["emptyDir"]["sizeLimit"]) * 2**30 >= store
+    c = spec["containers"][0]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert _gib(c["resources"]["limits"]["memory"]) * 2**30 >= store + (4 << 30)
+    with pytest.raises(ValueError, match=INDEX_RESOURCES_ENV):
+        index_actor_options("i", "ns", environ={INDEX_RESOURCES_ENV: "[1]"})
+    assert "resources" not in index_actor_options("i", "ns", environ={})
+
+
 def test_bad_args_in_a_manifest_would_fail_the_test():
     cfg = yaml.safe_load(manifest()["spec"]["serveConfigV2"])
     args = app_args(cfg)

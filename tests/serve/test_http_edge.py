@@ -118,6 +118,11 @@ def test_header_problem():
     assert header_problem([(b"a", b"b")] * 3, 1000, 2).startswith("too many")
     assert header_problem([(b"a", b"b" * 2000)], 1000, 10).startswith("request headers too large")
     assert header_problem([(b"a", b"b")], 1000, 10) is None
+    # the proxy's own x-request-id does not count: exactly max_count client headers pass
+    client = [(b"h%d" % i, b"v") for i in range(10)]
+    assert header_problem(client + [(b"x-request-id", b"0" * 36)], 10**6, 10) is None
+    assert header_problem(client + [(b"x-request-id", b"0" * 36)], sum(len(k) + 5 for k, _ in client), 10) is None
+    assert header_problem(client + [(b"x", b"v")], 10**6, 10).startswith("too many")
 
 
 def test_trickling_bodies_time_out_and_do_not_stall(edge_server):

@@ -76,10 +76,10 @@ def test_full_or_unknown_holder_is_left_and_dead_holders_ignored(monkeypatch):
 
     called = []
 
-    async def pow2(self, candidate_replicas, pending_request):
+    async def pow2(self, candidate_replicas, pending_request=None):
         called.append(pending_request)
         return [candidate_replicas[:1]]
-    monkeypatch.setattr(affinity_router.PowerOfTwoChoicesRequestRouter, "choose_replicas", pow2)
+    monkeypatch.setattr(affinity_router.CacheAffinityRouter, "two_choices", pow2)
     r = make_router({"a": 0, "b": 0})
     assert names(choose(r, reps, ["gone"])) == [["a"]] and len(called) == 1  # holder not among replicas
     assert r.affinity_counters["hot_unavailable"] == 1
@@ -167,9 +167,9 @@ def test_replicas_leaving_the_set_or_dying_are_reported_to_the_index(serve_hooks
 def test_a_failed_report_never_raises_and_is_retried(serve_hooks, monkeypatch):
     from serve_app import affinity_router
 
-    async def pow2(self, candidate_replicas, pending_request):
+    async def pow2(self, candidate_replicas, pending_request=None):
         return [candidate_replicas]
-    monkeypatch.setattr(affinity_router.PowerOfTwoChoicesRequestRouter, "choose_replicas", pow2)
+    monkeypatch.setattr(affinity_router.CacheAffinityRouter, "two_choices", pow2)
     index = FakeIndex(fail=1)
     r = leaving_router(index)
     a, b = FakeReplica("a"), FakeReplica("b")
@@ -190,9 +190,9 @@ def test_a_failed_report_never_raises_and_is_retried(serve_hooks, monkeypatch):
 def test_the_namespace_is_learned_from_a_request_before_reporting(serve_hooks, monkeypatch):
     from serve_app import affinity_router
 
-    async def pow2(self, candidate_replicas, pending_request):
+    async def pow2(self, candidate_replicas, pending_request=None):
         return [candidate_replicas]
-    monkeypatch.setattr(affinity_router.PowerOfTwoChoicesRequestRouter, "choose_replicas", pow2)
+    monkeypatch.setattr(affinity_router.CacheAffinityRouter, "two_choices", pow2)
     index = FakeIndex()
     r = leaving_router(index, namespace=None)
     a, b = FakeReplica("a"), FakeReplica("b")
@@ -217,3 +217,29 @@ def test_the_app_names_the_index_to_the_router():
     kw = model_deployment_options(resolve_args({"preset": "tiny-random", "index_name": "ix",
                                                 "index_namespace": "nsx"}))["request_router_config"]
     assert kw.request_router_kwargs["index_name"] == "ix" and kw.request_router_kwargs["index_namespace"] == "nsx"
+
+
+def test_default_routing_is_two_random_candidates_on_the_public_api():
+    """Without a hot holder: two of the locality-preferred replicas at random (Serve's
+    default procedure), using only ray.serve.request_router's public names."""
+    import ast
+    import inspect
+
+    from serve_app import affinity_router
+
+    tree = ast.parse(inspect.getsource(affinity_router))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "ray.serve.request_router" in imported and not any("_private" in m for m in imported)
+    reps = [FakeReplica(n) for n in "abcd"]
+    r = make_router({})
+    r.apply_locality_routing = lambda pending_request=None: {x.replica_id for x in reps[:3]}
+    seen = set()
+    for _ in range(40):
+        (rank,) = choose(r, reps, [])
+        assert len(rank) == 2 and len(set(rank)) == 2 and reps[3] not in rank
+        seen.update(x.name for x in rank)
+    assert seen == {"a", "b", "c"}
+    r.apply_locality_routing = lambda pending_request=None: set()  # nothing preferred: every candidate
+    assert len(choose(r, reps[:1], [])[0]) == 1
+    assert asyncio.run(r.two_choices([], None)) == []

@@ -17,13 +17,13 @@ def tokenizer():
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_engine(arch: str, rope: str = "default") -> SemShareEngine:
+def tiny_engine(arch: str, rope: str = "default", sliding_window: int | None = None) -> SemShareEngine:
     scaling = None
     if rope == "llama3":
         scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 64}
     tok = tokenizer()
-    model = tiny_random_model(arch, vocab_size=len(tok), rope_scaling=scaling)
+    model = tiny_random_model(arch, vocab_size=len(tok), rope_scaling=scaling, sliding_window=sliding_window)
     # recompute_min_tokens=0: the prompts here are short; the tests check the selective mechanics
     return SemShareEngine(model, tok, SemShareConfig(window=1, recompute_min_tokens=0))
 
