@@ -172,7 +172,8 @@ class SemShareEngine:
 
     def prefill_steps(self, ids: np.ndarray, reference: PackedKV | None = None,
                       config: SemShareConfig | None = None, reference_kv: torch.Tensor | None = None,
-                      chunk: int | None = None) -> Iterator[int]:
+                      chunk: int | None = None, sources: Sequence[PackedKV] | None = None,
+                      sources_kv: Sequence[torch.Tensor | None] | None = None) -> Iterator[int]:
         """:meth:`prefill` in units of work, for a scheduler that interleaves them with decode steps.
 
         A generator: between two units it yields the number of prompt tokens the unit
@@ -180,12 +181,14 @@ class SemShareEngine:
         :class:`PrefillResult` after the last unit. A full prefill runs in chunks of
         ``chunk`` tokens (``None``: one chunk) through ``model.forward`` on one
         ``DynamicCache``, as ``generate`` does with ``prefill_chunk_size``; a hit or a
-        replay is one unit.
+        replay is one unit, and so is a hit on several ``sources`` (:meth:`prefill_multi`).
         """
         cfg = config or self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("empty prompt")
+        if sources:  # several references: one unit (:meth:`prefill_multi`)
+            return self.prefill_multi(ids, sources, cfg, sources_kv)
         if reference is not None and ids.size >= cfg.min_reuse_tokens and reference.seq_len > 0:
             with self.lock, torch.inference_mode():
                 self.signature.check(reference.signature)

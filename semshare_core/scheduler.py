@@ -125,6 +125,8 @@ class Request:
     reference: Optional[PackedKV] = None
     reference_kv: Optional[torch.Tensor] = None
     config: object = None
+    sources: Optional[list] = None        # several references at once (PackedKV each), best first
+    sources_kv: Optional[list] = None     # their device tensors (None where not on the device)
     id: int = field(default_factory=lambda: next(_ids))
     # filled in by the scheduler
     state: str = "new"           # waiting | prefilling | running | done
@@ -311,7 +313,8 @@ class Scheduler:
         eng = self.engine
         if r._steps is None:
             chunk = min(self.config.prefill_chunk, max(budget, 1))
-            r._steps = eng.prefill_steps(r.ids, r.reference, r.config, r.reference_kv, chunk=chunk)
+            r._steps = eng.prefill_steps(r.ids, r.reference, r.config, r.reference_kv, chunk=chunk,
+                                         sources=r.sources, sources_kv=r.sources_kv)
             r._prefilled_tokens = 0
         try:
             n = next(r._steps)
@@ -320,19 +323,20 @@ class Scheduler:
         except StopIteration as stop:
             pre: PrefillResult = stop.value
         except Exception as e:
-            if r.reference is None or r.reuse_error is not None:
+            if (r.reference is None and not r.sources) or r.reuse_error is not None:
                 raise
             # the reuse path failed: a full prefill instead (the entry is reported by the server)
             logger.warning("reuse prefill of request %d failed (%s: %s): full prefill", r.id, type(e).__name__, e)
             self.counters["reuse_retries"] += 1
             r.reuse_error, r.reference, r.reference_kv, r._steps = e, None, None, None
+            r.sources = r.sources_kv = None
             return 0, False
         self._prefilled(r, pre)
         return int(r.ids.size) - r._prefilled_tokens, True
 
     def _prefilled(self, r: Request, pre: PrefillResult) -> None:
         r.result, r._steps = pre, None
-        r.reference = r.reference_kv = None  # stop borrowing the reference
+        r.reference = r.reference_kv = r.sources = r.sources_kv = None  # stop borrowing the references
         self.prefilling.remove(r)
         self._send(r, ("prefilled", pre))
         if r.params.max_new_tokens == 0:  # prefill only (e.g. an exact refresh for the index)
@@ -393,6 +397,7 @@ class Scheduler:
         if r._steps is not None:
             r._steps.close()
         r.state, r._seq, r._steps, r.reference, r.reference_kv = "done", None, None, None, None
+        r.sources = r.sources_kv = None
         if r.result is not None:
             r.result.cache = None
         if error is not None:

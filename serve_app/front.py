@@ -157,9 +157,10 @@ class Front:
         if use:
             threshold = req.sim_threshold if req.sim_threshold is not None else self.config.sim_threshold
             ts = time.perf_counter()
-            ref, fallback = await self.index.lookup(req.vector, req.tenant, float(threshold))
+            ref, fallback, more = await self.index.lookup(req.vector, req.tenant, float(threshold), req.ids,
+                                                          self.config.max_sources)
             req.lookup_ms = (time.perf_counter() - ts) * 1e3
-            req.looked_up, req.reference, req.lookup_fallback = True, ref, fallback
+            req.looked_up, req.reference, req.lookup_fallback, req.more_sources = True, ref, fallback, more
             req.index_namespace = self.index.known_namespace
             self.counters["lookups"] += 1
             if ref is not None:

@@ -324,6 +324,37 @@ class KVIndex:
         return LookupResult(entry.key, m.uid, float(sim), int(entry.token_ids.shape[0]), m.depth, m.exact,
                             sorted(m.hot), [entry.payload])
 
+    def lookup_sources(self, vector: np.ndarray, token_ids: np.ndarray, tenant: str = "default",
+                       threshold: float = 0.3, prefer_exact_margin: float = 0.0, candidates: int = 8,
+                       max_sources: int = 4, min_gain: float = 0.05, ngram: int = 3) -> Optional[list[LookupResult]]:
+        """Several entries of ``tenant`` that together cover the prompt (a RAG-shaped prompt
+        reuses every passage cached anywhere), best first; None on a miss.
+
+        The first is exactly what :meth:`lookup` returns; the others come from the greedy
+        n-gram cover of :meth:`SemanticIndex.lookup_sources` (each adds at least
+        ``min_gain`` of the prompt's distinct ``ngram``-grams), at most ``max_sources`` in all.
+        A prompt covered well by one entry gets that entry alone.
+        """
+        first = self.lookup(vector, tenant, threshold, prefer_exact_margin, candidates)
+        if max_sources <= 1 or token_ids is None:
+            return [first] if first is not None else None
+        before = dict(self.index.counters)  # counted once, by lookup()
+        cover = self.index.lookup_sources(vector, token_ids, tenant, threshold, k=max(candidates, max_sources),
+                                          max_sources=max_sources, min_gain=min_gain, ngram=ngram)
+        self.index.counters.update({k: before.get(k, 0) for k in ("hits", "misses")})
+        out = [first] if first is not None else []
+        for m in (cover.matches if cover is not None else []):
+            if len(out) >= max_sources:
+                break
+            if any(r.key == m.entry.key for r in out):
+                continue
+            meta = self._meta(m.entry.key)
+            out.append(LookupResult(m.entry.key, meta.uid, float(m.similarity), int(m.entry.token_ids.shape[0]),
+                                    meta.depth, meta.exact, sorted(meta.hot), [m.entry.payload]))
+        if len(out) > 1:
+            self.counters["several_sources"] = self.counters.get("several_sources", 0) + 1
+        return out or None
+
     def _touch(self, entry) -> None:
         """Mark ``entry`` used: LRU order and hit counters (what ``SemanticIndex.lookup`` does)."""
         self.index.touch(entry.key)
@@ -461,7 +492,7 @@ def _locked_method(name: str):
     return method
 
 
-for _name in ("lookup", "add_hot", "drop_hot", "drop_holders", "drop_replica", "report_lost", "report_bad",
+for _name in ("lookup", "lookup_sources", "add_hot", "drop_hot", "drop_holders", "drop_replica", "report_lost", "report_bad",
               "remove", "clear", "stats", "entries", "ping"):
     setattr(AsyncKVIndex, _name, _locked_method(_name))
 

@@ -33,6 +33,7 @@ to 4xx), ``token`` and a final ``done`` with usage, cache and timing facts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -159,7 +160,9 @@ class SemShareServer:
             self.counters["replica_lookups"] += 1
             threshold = req.sim_threshold if req.sim_threshold is not None else self.engine.config.sim_threshold
             ts = time.perf_counter()
-            ref, fallback = await self.index.lookup(vec, req.tenant, float(threshold))
+            ref, fallback, more = await self.index.lookup(vec, req.tenant, float(threshold), ids,
+                                                          self.engine.config.max_sources)
+            req.more_sources = more
             t_lookup = (time.perf_counter() - ts) * 1e3
         return ids, vec, ref, fallback, t_lookup
 
@@ -198,17 +201,26 @@ class SemShareServer:
         if not use:
             ref = None
 
-        # reference -> the scheduler (prefill, then batched decode on the engine thread)
-        ready = None
-        if ref is not None:
-            ready, fb = await self.reuse.acquire(ref)
-            fallback = fallback or fb
+        # references -> the scheduler (prefill, then batched decode on the engine thread).
+        # Several sources (a prompt whose parts are cached in different entries) are
+        # fetched concurrently; the ones that fail are left out (counted, reported).
+        refs = ([ref] + list(req.more_sources or [])) if ref is not None else []
+        got = await asyncio.gather(*(self.reuse.acquire(r) for r in refs)) if refs else []
+        readies = [rd for rd, _ in got if rd is not None]
+        fallback = fallback or next((fb for _, fb in got if fb), None)
+        ready = readies[0] if readies else None
+        several = len(readies) > 1
+        if ready is not None and ready.ref is not ref:
+            ref = ready.ref  # the best entry was unusable: the next one leads
         s = req.sampling.normalized()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         sreq = SchedRequest(ids, GenParams(s.max_new_tokens, s.temperature, s.top_p, s.seed, s.stop_on_eos),
                             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                            reference=ready.packed if ready else None, reference_kv=ready.kv if ready else None)
+                            reference=ready.packed if ready and not several else None,
+                            reference_kv=ready.kv if ready and not several else None,
+                            sources=[rd.packed for rd in readies] if several else None,
+                            sources_kv=[rd.kv for rd in readies] if several else None)
         self._ensure_metrics_task()
         try:
             self.scheduler.submit(sreq)
@@ -219,15 +231,16 @@ class SemShareServer:
             return
         finished = False
         try:
-            async for ev in self._stream(req, sreq, events, ids, vec, ref, ready, fallback, use, t0, t_lookup):
+            async for ev in self._stream(req, sreq, events, ids, vec, ref, readies, fallback, use, t0, t_lookup):
                 yield ev
             finished = True
         finally:
             if not finished:  # client gone, timeout or error: free the slot and KV at the next step
                 self.scheduler.cancel(sreq.id)
 
-    async def _stream(self, req: ReplicaRequest, sreq, events: asyncio.Queue, ids, vec, ref, ready, fallback, use,
+    async def _stream(self, req: ReplicaRequest, sreq, events: asyncio.Queue, ids, vec, ref, readies, fallback, use,
                       t0: float, t_lookup: float) -> AsyncIterator[dict]:
+        ready = readies[0] if readies else None
         kind, pre = await events.get()
         if kind == "error":
             if isinstance(pre, (RequestRefused, MemoryError, torch.OutOfMemoryError)):  # retryable: 503
@@ -239,10 +252,22 @@ class SemShareServer:
             raise RuntimeError(f"scheduler sent {kind!r} before the prefill")
         if sreq.reuse_error is not None and ready is not None:
             fallback, ready = self.reuse.reuse_failed(ready, sreq.reuse_error), None
-        if ref is not None:
-            ref.refs.clear()  # stop borrowing the object as soon as the prefill is done
+        for rd in readies:
+            rd.ref.refs.clear()  # stop borrowing the objects as soon as the prefill is done
         stats = pre.stats
         hit = bool(stats.hit) and ready is not None
+        per_source, src_depth = None, ref.depth if ref is not None else 0
+        if len(readies) > 1 and stats.sources:  # several sources: who gave what, who was dropped
+            per_source = []
+            for rec in stats.sources:
+                rd = readies[rec["index"]]
+                if rec.get("dropped"):
+                    self.spawn_report(rd, rec["dropped"])
+                per_source.append({"key": public_key(rd.ref.key), "tier": rd.tier,
+                                   "similarity": round(float(rd.ref.similarity), 4), "reused_tokens": int(rec["rows"]),
+                                   "exact_tokens": int(rec["exact"]), "dropped": rec.get("dropped")})
+            used = [readies[rec["index"]].ref.depth for rec in stats.sources if rec.get("used")]
+            src_depth = max(used) if used else src_depth
         tier = ready.tier if hit else None
         outcome = "off" if not use else ("hit" if hit else "miss")
         self.counters["hits" if hit else ("misses" if use else "reuse_off")] += 1
@@ -261,7 +286,7 @@ class SemShareServer:
         public, export, refresh = None, None, False
         same_as_ref = (hit and ref.ref_token_count == ids.size and ref.similarity >= 0.9999 and store_key is None)
         register = use and ids.size >= self.engine.config.min_reuse_tokens and not same_as_ref
-        depth, past_cap = self.reuse.plan_depth(pre, ref if hit else None)
+        depth, past_cap = self.reuse.plan_depth(pre, dataclasses.replace(ref, depth=src_depth) if hit else None)
         if register and past_cap:
             if self.args.depth_cap_policy == "refresh" or store_key is not None:
                 refresh, depth = True, 0
@@ -366,8 +391,15 @@ class SemShareServer:
             fallback=fallback,
             usage={"prompt_tokens": int(ids.size), "completion_tokens": n_out,
                    "reused_tokens": int(stats.reused_tokens) if hit else 0,
-                   "recomputed_tokens": int(stats.recomputed_tokens) if hit else int(ids.size)},
+                   "recomputed_tokens": int(stats.recomputed_tokens) if hit else int(ids.size),
+                   **({"sources": per_source} if per_source else {})},
             timing=timing)
+
+    def spawn_report(self, rd, why: str) -> None:
+        """A source the engine dropped (another model, malformed): reported like a bad cold fetch."""
+        self.reuse.spawn(self.reuse.report_bad(rd.ref, "mismatch" if "signature" in why or "model" in why
+                                               else "corrupt"))
+        self._fallback("kv_mismatch" if "signature" in why else "kv_corrupt")
 
     async def _register_exact(self, key: str, vec, ids, tenant: str) -> dict:
         """Past the depth cap: a full prefill's KV is registered instead (depth 0), prefilled

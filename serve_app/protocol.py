@@ -98,15 +98,29 @@ class ReplicaRequest:
     messages: Optional[list[dict]] = None
     looked_up: bool = False               # the ingress ran the lookup (reference may still be None)
     reference: Optional[Reference] = None
+    more_sources: list[Reference] = field(default_factory=list)  # other entries covering other parts of the prompt
     lookup_fallback: Optional[str] = None  # e.g. index_unavailable
     index_namespace: Optional[str] = None  # where the index actor lives (the router reports dead replicas there)
     lookup_ms: float = 0.0
     prepare_ms: float = 0.0
 
     @property
+    def sources(self) -> list[Reference]:
+        """Every entry the prompt may reuse, best first."""
+        return ([self.reference] if self.reference is not None else []) + list(self.more_sources or [])
+
+    @property
     def hot_replicas(self) -> list[str]:
-        """Read by the request router (cache affinity)."""
-        return list(self.reference.hot) if self.reference is not None else []
+        """Read by the request router (cache affinity): the replicas holding the most
+        reusable tokens hot (with one source: the replicas holding it)."""
+        held: dict[str, int] = {}
+        for r in self.sources:
+            for rep in r.hot:
+                held[rep] = held.get(rep, 0) + int(r.ref_token_count)
+        if not held:
+            return []
+        best = max(held.values())
+        return sorted(rep for rep, n in held.items() if n == best)
 
     def check(self, max_prompt_tokens: int, vocab_size: int) -> None:
         """Defensive checks on the replica (the ingress already validated): ClientError."""

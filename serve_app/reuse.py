@@ -121,22 +121,33 @@ class IndexClient:
                 if attempt:
                     raise
 
-    async def lookup(self, vec: np.ndarray, tenant: str, threshold: float) -> tuple[Optional[Reference], Optional[str]]:
-        """``(Reference | None, fallback_reason | None)``; never raises."""
+    async def lookup(self, vec: np.ndarray, tenant: str, threshold: float,
+                     ids: Optional[np.ndarray] = None,
+                     max_sources: int = 1) -> tuple[Optional[Reference], Optional[str], list[Reference]]:
+        """``(Reference | None, fallback_reason | None, more sources)``; never raises.
+
+        With ``max_sources`` > 1 (and the prompt's ``ids``) the index may add entries that
+        cover other parts of the prompt (:meth:`KVIndex.lookup_sources`)."""
         try:
+            if max_sources > 1 and ids is not None:
+                cfg = self.args.semshare_config()
+                res = await self.call("lookup_sources", vec, ids, tenant, threshold, self.args.prefer_exact_margin,
+                                      8, max_sources, cfg.source_min_gain, cfg.ngram,
+                                      timeout=self.args.lookup_timeout_s)
+                return (res[0], None, list(res[1:])) if res else (None, None, [])
             res = await self.call("lookup", vec, tenant, threshold, self.args.prefer_exact_margin,
                                   timeout=self.args.lookup_timeout_s)
-            return res, None
+            return res, None, []
         except (asyncio.TimeoutError, GetTimeoutError):
             logger.warning("index lookup timed out after %.1fs: full prefill", self.args.lookup_timeout_s)
-            return None, "index_unavailable"
+            return None, "index_unavailable", []
         except RayActorError as e:
             logger.warning("index actor unavailable (%s): full prefill", type(e).__name__)
-            return None, "index_unavailable"
+            return None, "index_unavailable", []
         except Exception:  # noqa: BLE001 - the cache is an optimisation, never a failure
             logger.exception("index lookup failed: full prefill")
             self.reset()
-            return None, "index_unavailable"
+            return None, "index_unavailable", []
 
 
 @dataclass

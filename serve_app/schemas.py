@@ -70,6 +70,9 @@ class Usage(BaseModel):
     mapping: Optional[dict[str, int]] = Field(
         None, description="how the prompt's tokens matched the reference (exact_span / exact_token / fuzzy / "
         "none), when the model replica reports it")
+    sources: Optional[list[dict[str, Any]]] = Field(
+        None, description="with several cached prompts reused at once: per source its key, tier, similarity, "
+        "reused_tokens, exact_tokens (and why it was dropped, if it was)")
 
 
 class Timing(BaseModel):
