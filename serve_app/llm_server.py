@@ -123,6 +123,9 @@ class SemShareServer:
                                           tag_keys=("outcome",))
         self.m_hits = metrics.Counter("semshare_cache_hits", description="requests that reused a cached KV",
                                       tag_keys=("tier",))
+        self.m_staging = metrics.Counter("semshare_reference_staging", tag_keys=("path",),
+                                         description="how hits' reference rows reached the model: device (hot "
+                                         "tier), layered / whole (pinned host staging), cpu, replay")
         self.m_reused = metrics.Counter("semshare_reused_tokens", description="prompt tokens taken from a cache")
         self.m_fallbacks = metrics.Counter("semshare_reuse_fallbacks", tag_keys=("reason",),
                                            description="reuse attempts that fell back to a full prefill")
@@ -276,6 +279,7 @@ class SemShareServer:
         self.m_requests.inc(tags={"outcome": outcome})
         if hit:
             self.m_hits.inc(tags={"tier": tier})
+            self.m_staging.inc(tags={"path": stats.staging or "replay"})
             if stats.reused_tokens:
                 self.m_reused.inc(stats.reused_tokens)
 
@@ -379,7 +383,7 @@ class SemShareServer:
                   "kv_check_ms": round(ready.check_ms if ready else 0.0, 3),
                   "kv_convert_ms": round(ready.convert_ms if ready else 0.0, 3),
                   "prefill_ms": round(stats.prefill_ms, 3), "mapping_ms": round(stats.mapping_ms, 3),
-                  "gather_ms": round(stats.gather_ms, 3), "export_wait_ms": 0.0,
+                  "gather_ms": round(stats.gather_ms, 3), "export_wait_ms": 0.0, "staging": stats.staging,
                   "register_ms": round(reg["register_ms"], 3) if reg else None,
                   "register_wait_ms": round(reg_wait, 3),
                   "replica_total_ms": round((time.perf_counter() - t0) * 1e3, 3)}

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from semshare_core import KVFormatError, KVMismatchError
+from semshare_core.staging import HostStaging
 
 from .hot_tier import HotEntry, HotTier, default_hot_bytes, device_kv
 from .index_actor import get_or_create_index_actor
@@ -156,7 +158,7 @@ class Ready:
 
     ref: Reference
     packed: Any               # checked PackedKV
-    kv: torch.Tensor          # on the engine device
+    kv: Optional[torch.Tensor]  # on the engine device; None: the engine stages rows from ``packed``
     tier: str                 # "hot" | "cold"
     fetch_ms: float = 0.0     # object-store get
     check_ms: float = 0.0     # validation
@@ -171,6 +173,8 @@ class ReusePath:
         self.count = count or (lambda reason: None)
         cap = args.hot_tier_bytes if args.hot_tier_bytes is not None else default_hot_bytes(engine.device)
         self.hot = HotTier(cap, on_evict=self._on_evict)
+        self.pinned = HostStaging(engine.device)  # hot-tier admission on an accelerator (pinned, reused)
+        self._pinned_lock = threading.Lock()
         self._pending: set[asyncio.Task] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.counters = {"hot_hits": 0, "cold_hits": 0, "registered": 0, "register_errors": 0,
@@ -261,13 +265,33 @@ class ReusePath:
         finally:
             del obj
         t2 = time.perf_counter()
-        kv = await asyncio.to_thread(device_kv, packed, self.engine.device, self.engine.dtype)
-        t3 = time.perf_counter()
         self.counters["cold_hits"] += 1
+        if self.engine.device.type != "cpu":
+            # on an accelerator the engine stages just the rows it needs, per layer, through
+            # pinned buffers overlapped with compute (host_staging); the whole entry goes to
+            # the hot tier afterwards, through a reusable pinned buffer, off the request's path
+            self.spawn(asyncio.to_thread(self._admit_pinned, ref, packed))
+            return Ready(ref, packed, None, "cold", (t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0), None
+        kv = device_kv(packed, self.engine.device, self.engine.dtype)  # a view on the CPU
+        t3 = time.perf_counter()
         ready = Ready(ref, packed, kv, "cold", (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         if self._keep_hot(ref.key, ref.uid, packed, kv, ref.depth, ref.exact):
             self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica))
         return ready, None
+
+    def _admit_pinned(self, ref: Reference, packed) -> None:
+        """Copy a cold-fetched entry to the device through the reusable pinned buffer and keep
+        it hot (worker thread; the index learns this replica holds it)."""
+        try:
+            src = packed.to_torch("cpu")
+            idx = torch.arange(src.shape[3])
+            with self._pinned_lock:
+                kv = self.pinned.gather(src, 3, idx).to(dtype=self.engine.dtype)
+            if self._keep_hot(ref.key, ref.uid, packed, kv, ref.depth, ref.exact) and self._loop is not None:
+                self._loop.call_soon_threadsafe(
+                    lambda: self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica)))
+        except Exception as e:  # noqa: BLE001 - the hot tier is an optimisation
+            logger.info("hot-tier admission of %s failed: %s: %s", ref.key, type(e).__name__, e)
 
     def _keep_hot(self, key: str, uid: str, packed, kv: torch.Tensor, depth: int, exact: bool) -> bool:
         nbytes = packed.nbytes if kv.device.type == "cpu" else kv.numel() * kv.element_size()

@@ -98,3 +98,36 @@ def test_reference_check_rejects_any_non_finite_value_and_bad_logits(engine):
     logits[5] = np.nan
     with pytest.raises(KVFormatError, match="logits"):
         load_reference(PackedKV(good.data, good.dtype, good.token_ids, good.signature, logits), engine.signature)
+
+
+def test_cold_hit_on_an_accelerator_leaves_staging_to_the_engine(engine, monkeypatch):
+    """On a non-CPU device a cold fetch hands the host PackedKV to the engine (no whole
+    pageable copy before the prefill: the engine stages rows per layer through pinned
+    buffers), and the hot-tier admission goes through the reusable pinned buffer, later."""
+    import asyncio
+    import types
+
+    from serve_app.protocol import Reference
+    from serve_app.reuse import ReusePath
+    from serve_app.settings import resolve_args
+
+    ids = engine.encode(corpus_text()[5000:5600])
+    packed = engine.export_kv(engine.prefill(ids))
+    fake = types.SimpleNamespace(device=torch.device("meta"), dtype=engine.dtype, signature=engine.signature)
+    path = ReusePath(fake, resolve_args({"preset": "tiny-random", "hot_tier_bytes": 1 << 20}), "r1", index=None)
+    admitted = []
+    monkeypatch.setattr(path, "_admit_pinned", lambda ref, p: admitted.append((ref.key, p)))
+    copies = []
+    monkeypatch.setattr("serve_app.reuse.device_kv", lambda *a, **k: copies.append(a))
+
+    async def go():
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(packed)
+        ref = Reference("t:k", "uid1", 0.9, int(ids.size), refs=[fut])
+        ready, fb = await path.acquire(ref)
+        await asyncio.gather(*path.pending)
+        return ready, fb
+
+    ready, fb = asyncio.run(go())
+    assert fb is None and ready.tier == "cold" and ready.kv is None and ready.packed is packed
+    assert copies == [] and admitted == [("t:k", packed)]
