@@ -87,12 +87,14 @@ async def warmup(url: str, model: str, headers: dict, timeout_s: float) -> None:
 
 async def run_repeat(url: str, model: str, prompts: dict[int, list[str]], max_tokens: int, salt: Optional[str],
                      headers: dict, timeout_s: float) -> list[dict]:
-    """Each prompt sent once, then again verbatim, one request at a time."""
+    """Each prompt sent once, then again verbatim, one request at a time (a salt per pair)."""
     pairs = []
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         for n, ps in prompts.items():
             for i, p in enumerate(ps):
-                body = oai.completion_body(model, p, max_tokens, salt)
+                # each pair its own salt: the first send must not hit an earlier pair's entry (our
+                # server matches by similarity, so other prose of the same corpus can hit)
+                body = oai.completion_body(model, p, max_tokens, f"{salt}-{n}-{i}" if salt else None)
                 first = await oai.stream_completion(client, url, body, headers)
                 repeat = await oai.stream_completion(client, url, body, headers)
                 pairs.append({"length": n, "i": i, "first": first, "repeat": repeat})

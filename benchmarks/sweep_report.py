@@ -108,6 +108,8 @@ def markdown(result: dict) -> str:
               f"replaced + {cfg['repeats']} identical repeats each; the references complete before the follow-ups), "
               f"{cfg['reuse_new_tokens']} new tokens. Every level uses fresh documents and its own `cache_salt` "
               f"({'sent' if cfg.get('salt') else 'not sent'}), so no level reuses another's cache.", ""]
+    for note in result.get("notes") or []:
+        lines += [f"Note: {note}", ""]
     lines += ["TTFT = request sent to first non-empty text chunk; ITL = gap between text chunks per token; "
               "tokens/s = completion tokens of the level / its wall time; x1 = tokens/s over the 1-client level. "
               "Hit rate: our server's `semshare.cache_hit`, a peer's `cached_tokens > 0`; cached = cached prompt "
