@@ -213,6 +213,15 @@ def combine_table(ours: dict, peer: dict) -> str:
 
 def combine_files(ours_path: str, peer_path: str) -> str:
     ours, peer = (json.loads(Path(p).read_text()) for p in (ours_path, peer_path))
+    cond = []
+    for res in (ours, peer):
+        c = res.get("conditions", {})
+        per = "; ".join(f"{WORKLOAD_LABEL.get(wl, wl)} x{k}: {_f((s.get('loadavg_before') or [None])[0], 1)}.."
+                        f"{_f((s.get('loadavg_after') or [None])[0], 1)}"
+                        for wl, lv in res.get("workloads", {}).items() for k, s in sorted(lv.items(), key=lambda x: int(x[0])))
+        cond.append(f"* {res['target']['label']} ({res['name']}.json, {c.get('started_utc', '?')}): load average "
+                    f"before {c.get('loadavg_before')}, after {c.get('loadavg_after')}"
+                    + (f"; 1-min load per level: {per}" if per else "") + ".")
     return (f"# {ours['name']} vs {peer['name']}\n\n"
-            f"{ours['target']['label']}: {ours['name']}.json; {peer['target']['label']}: {peer['name']}.json\n\n"
-            + combine_table(ours, peer))
+            "Conditions (the 2-core box is shared; compare ratios only between runs of similar load):\n\n"
+            + "\n".join(cond) + "\n\n" + combine_table(ours, peer))
