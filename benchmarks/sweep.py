@@ -37,11 +37,12 @@ def loadavg() -> Optional[list[float]]:
 
 async def run_phases(url: str, model: str, phases: list[list[dict]], concurrency: int, max_tokens: int,
                      salt: Optional[str], headers: dict, timeout_s: float, ignore_eos: bool = False,
-                     progress: str = "") -> tuple[list[dict], float]:
+                     progress: str = "", transport: Optional[httpx.AsyncBaseTransport] = None
+                     ) -> tuple[list[dict], float]:
     """Run the phases one after the other with ``concurrency`` clients; (records, wall seconds)."""
     records: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, transport=transport) as client:
         t0 = time.perf_counter()
         n = 0
         for phase in phases:
