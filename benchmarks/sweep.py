@@ -37,11 +37,12 @@ def loadavg() -> Optional[list[float]]:
 
 async def run_phases(url: str, model: str, phases: list[list[dict]], concurrency: int, max_tokens: int,
                      salt: Optional[str], headers: dict, timeout_s: float, ignore_eos: bool = False,
-                     progress: str = "") -> tuple[list[dict], float]:
+                     progress: str = "", transport: Optional[httpx.AsyncBaseTransport] = None
+                     ) -> tuple[list[dict], float]:
     """Run the phases one after the other with ``concurrency`` clients; (records, wall seconds)."""
     records: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, transport=transport) as client:
         t0 = time.perf_counter()
         n = 0
         for phase in phases:
@@ -87,12 +88,14 @@ async def warmup(url: str, model: str, headers: dict, timeout_s: float) -> None:
 
 async def run_repeat(url: str, model: str, prompts: dict[int, list[str]], max_tokens: int, salt: Optional[str],
                      headers: dict, timeout_s: float) -> list[dict]:
-    """Each prompt sent once, then again verbatim, one request at a time."""
+    """Each prompt sent once, then again verbatim, one request at a time (a salt per pair)."""
     pairs = []
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         for n, ps in prompts.items():
             for i, p in enumerate(ps):
-                body = oai.completion_body(model, p, max_tokens, salt)
+                # each pair its own salt: the first send must not hit an earlier pair's entry (our
+                # server matches by similarity, so other prose of the same corpus can hit)
+                body = oai.completion_body(model, p, max_tokens, f"{salt}-{n}-{i}" if salt else None)
                 first = await oai.stream_completion(client, url, body, headers)
                 repeat = await oai.stream_completion(client, url, body, headers)
                 pairs.append({"length": n, "i": i, "first": first, "repeat": repeat})

@@ -108,6 +108,8 @@ def markdown(result: dict) -> str:
               f"replaced + {cfg['repeats']} identical repeats each; the references complete before the follow-ups), "
               f"{cfg['reuse_new_tokens']} new tokens. Every level uses fresh documents and its own `cache_salt` "
               f"({'sent' if cfg.get('salt') else 'not sent'}), so no level reuses another's cache.", ""]
+    for note in result.get("notes") or []:
+        lines += [f"Note: {note}", ""]
     lines += ["TTFT = request sent to first non-empty text chunk; ITL = gap between text chunks per token; "
               "tokens/s = completion tokens of the level / its wall time; x1 = tokens/s over the 1-client level. "
               "Hit rate: our server's `semshare.cache_hit`, a peer's `cached_tokens > 0`; cached = cached prompt "
@@ -211,6 +213,15 @@ def combine_table(ours: dict, peer: dict) -> str:
 
 def combine_files(ours_path: str, peer_path: str) -> str:
     ours, peer = (json.loads(Path(p).read_text()) for p in (ours_path, peer_path))
+    cond = []
+    for res in (ours, peer):
+        c = res.get("conditions", {})
+        per = "; ".join(f"{WORKLOAD_LABEL.get(wl, wl)} x{k}: {_f((s.get('loadavg_before') or [None])[0], 1)}.."
+                        f"{_f((s.get('loadavg_after') or [None])[0], 1)}"
+                        for wl, lv in res.get("workloads", {}).items() for k, s in sorted(lv.items(), key=lambda x: int(x[0])))
+        cond.append(f"* {res['target']['label']} ({res['name']}.json, {c.get('started_utc', '?')}): load average "
+                    f"before {c.get('loadavg_before')}, after {c.get('loadavg_after')}"
+                    + (f"; 1-min load per level: {per}" if per else "") + ".")
     return (f"# {ours['name']} vs {peer['name']}\n\n"
-            f"{ours['target']['label']}: {ours['name']}.json; {peer['target']['label']}: {peer['name']}.json\n\n"
-            + combine_table(ours, peer))
+            "Conditions (the 2-core box is shared; compare ratios only between runs of similar load):\n\n"
+            + "\n".join(cond) + "\n\n" + combine_table(ours, peer))

@@ -177,3 +177,40 @@ def test_legacy_onoff_combine_still_works(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(res))
     assert main(["--combine", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "cmp"]) == 0
     assert "| r1 | 1 | on | 1 / 1 |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_run_phases_against_a_fake_streaming_server():
+    """The client path end to end on an in-memory SSE server: the references all complete
+    before any follow-up is sent, records carry TTFT / tokens / hits, errors are counted."""
+    import asyncio
+
+    import httpx
+
+    from benchmarks.sweep import run_phases
+
+    log = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["stream"] and body["cache_salt"] == "s1" and body["temperature"] == 0.0
+        log.append(body["prompt"])
+        if body["prompt"] == "bad":
+            return httpx.Response(503, json={"error": {"message": "busy"}})
+        hit = body["prompt"].startswith("follow")
+        events = [{"choices": [{"text": t}]} for t in ("a", "b", "c")]
+        events.append({"choices": [{"text": "", "finish_reason": "length"}], "semshare": {"cache_hit": hit}})
+        events.append({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 3,
+                                                "prompt_tokens_details": {"cached_tokens": 9 if hit else 0}}})
+        sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+
+    phases = [[{"kind": "reference", "prompt": f"ref{i}"} for i in range(3)],
+              [{"kind": "variant", "prompt": f"follow{i}"} for i in range(4)] + [{"kind": "variant", "prompt": "bad"}]]
+    recs, wall = asyncio.run(run_phases("http://127.0.0.1:1", "m", phases, 4, 3, "s1", {}, 10,
+                                        transport=httpx.MockTransport(handler)))
+    assert wall > 0 and len(recs) == 8
+    assert all(p.startswith("ref") for p in log[:3]) and not any(p.startswith("ref") for p in log[3:])
+    s = sweep_report.summarize_level(recs, wall)
+    assert s["ok"] == 7 and s["non_200"] == 1 and s["output_tokens"] == 21
+    assert s["by_kind"]["reference"]["hit_rate"] == 0.0 and s["by_kind"]["variant"]["hit_rate"] == 1.0
+    assert all(r["ttft_ms"] is not None and r["completion_tokens"] == 3 for r in recs if r["status"] == 200)
