@@ -97,6 +97,17 @@ def test_sliding_window_prompt_exports_every_row_and_a_hit_honours_the_window():
     assert part.stats.hit and part.stats.probe_rows == tgt.size
 
 
+def test_sliding_window_replay_keeps_every_row_and_decodes_like_generate():
+    engine = tiny_engine("mistral", sliding_window=16)
+    ids = _prompt(engine, 40, 12)[:96]
+    ref = engine.export_kv(engine.prefill(ids))
+    rep = engine.prefill(ids, ref)  # identical prompt, exact reference: replayed
+    assert rep.stats.hit and rep.stats.recomputed_tokens == 0
+    assert engine.export_kv(rep).seq_len == 96  # re-exportable: all rows, not the window's
+    full = engine.prefill(ids)
+    assert list(engine.decode(rep, 12, 0.0, stop_on_eos=False)) == list(engine.decode(full, 12, 0.0, stop_on_eos=False))
+
+
 def test_qwen3_probe_applies_q_and_k_norm():
     engine = tiny_engine("qwen3")
     model = engine.model
