@@ -15,8 +15,9 @@ Each step (:meth:`Scheduler.step`):
    and their KV reservations fit ``kv_budget_bytes`` (a request that can never fit is
    refused; one that does not fit *now* waits);
 3. runs prefill work within the step's token budget (``max_step_tokens`` minus one token
-   per running decode): a hit or a replay is one unit, a full prefill goes in chunks of
-   ``prefill_chunk`` tokens, so a running decode stalls by at most about one chunk. When
+   per running decode; the first unit always runs): a hit or a replay is one unit, a
+   full prefill goes in chunks of ``prefill_chunk`` tokens, so a running decode stalls
+   by at most about one chunk (a chunk never shrinks to fit what is left). When
    a prefill completes, its first token is sampled from the prefill logits and the
    request joins the decode batch;
 4. runs ONE batched decode forward for every running request
@@ -71,8 +72,8 @@ class SchedulerConfig:
 
     ``max_running``: requests admitted at once (prefilling or decoding): the decode
     batch size at most. ``max_step_tokens``: prompt tokens prefilled plus tokens
-    decoded per step (a hit counts its prompt length; at least one prefill unit runs
-    per step when nothing else does). ``prefill_chunk``: tokens per full-prefill chunk.
+    decoded per step (what a prefill unit counts: :meth:`Scheduler.unit_cost`; at least
+    one unit runs per step). ``prefill_chunk``: tokens per full-prefill chunk.
     ``kv_budget_bytes``: KV memory the admitted requests may reserve: each reserves its
     prompt's full KV (held until exported) plus a decode cache for prompt +
     ``max_new_tokens`` rows, counted in the model's real per-token KV bytes; None =
@@ -294,26 +295,40 @@ class Scheduler:
     def _prefill_work(self) -> int:
         budget = self.config.max_step_tokens - len(self.running)
         used = 0
-        while self.prefilling and (used == 0 or used < budget):
+        while self.prefilling:
             r = self.prefilling[0]
+            cost = self.unit_cost(r)
+            if used and used + cost > budget:
+                break  # the next unit waits for the next step (decodes run in between)
             try:
-                done = self._prefill_unit(r, max(1, budget - used) if used else max(1, budget))
+                done = self._prefill_unit(r)
             except Exception as e:  # noqa: BLE001 - the request fails, the others go on
                 logger.exception("prefill of request %d failed", r.id)
                 self._finish(r, error=e)
                 continue
-            used += done[0]
+            used += max(done[0], cost if done[1] else 0)
             if not done[1] and r._steps is not None:
-                break  # a chunked prefill continues next step (decodes run in between)
+                break  # a chunked prefill continues next step
         self.counters["prefill_tokens"] += used
         return used
 
-    def _prefill_unit(self, r: Request, budget: int) -> tuple[int, bool]:
+    def unit_cost(self, r: Request) -> int:
+        """Prompt tokens the next unit of ``r``'s prefill counts against ``max_step_tokens``:
+        a full-prefill chunk its tokens; a hit a quarter of its prompt (at the default
+        schedule it recomputes ~25-30% of the rows); an identical-prompt replay 1."""
+        n = int(r.ids.size)
+        if r.reference is not None or r.sources:
+            ref = r.reference if r.reference is not None else r.sources[0]
+            if ref.last_logits is not None and ref.seq_len == n and np.array_equal(ref.token_ids, r.ids):
+                return 1
+            return max(1, n // 4)
+        return min(self.config.prefill_chunk, n - r._prefilled_tokens)
+
+    def _prefill_unit(self, r: Request) -> tuple[int, bool]:
         """Run one unit of ``r``'s prefill: ``(tokens processed, prefill finished)``."""
         eng = self.engine
         if r._steps is None:
-            chunk = min(self.config.prefill_chunk, max(budget, 1))
-            r._steps = eng.prefill_steps(r.ids, r.reference, r.config, r.reference_kv, chunk=chunk,
+            r._steps = eng.prefill_steps(r.ids, r.reference, r.config, r.reference_kv, chunk=self.config.prefill_chunk,
                                          sources=r.sources, sources_kv=r.sources_kv)
             r._prefilled_tokens = 0
         try:

@@ -255,3 +255,24 @@ def test_sliding_window_batched_decode_equals_generate():
         out = engine.model.generate(torch.from_numpy(ids)[None], max_new_tokens=20, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)
         assert sink.tokens == out[0, ids.size:].tolist()
+
+
+def test_a_step_budget_never_shrinks_the_next_prompts_chunks():
+    """Three long prompts at once: each full prefill goes in whole chunks (a prompt started
+    with a step's leftover budget used to be cut into tiny chunks), in arrival order."""
+    engine = tiny_engine("llama")
+    prompts = [_ids(engine, i * 40, 14) for i in range(3)]
+    chunk = 32
+    sched = Scheduler(engine, SchedulerConfig(max_running=4, max_step_tokens=chunk, prefill_chunk=chunk))
+    sinks = [Collector() for _ in prompts]
+    for ids, sink in zip(prompts, sinks):
+        sched.submit(Request(ids, GenParams(max_new_tokens=2, stop_on_eos=False), sink))
+    per_step = []
+    while sched.has_work() or sched._inbox:
+        per_step.append(sched.step().prefill_tokens)
+    total = sum(int(p.size) for p in prompts)
+    assert sum(per_step) == total
+    import math
+
+    assert sum(1 for t in per_step if t) <= sum(math.ceil(p.size / chunk) for p in prompts) + 1, per_step
+    assert all(s.finished == "length" for s in sinks)
