@@ -276,3 +276,30 @@ def test_a_step_budget_never_shrinks_the_next_prompts_chunks():
 
     assert sum(1 for t in per_step if t) <= sum(math.ceil(p.size / chunk) for p in prompts) + 1, per_step
     assert all(s.finished == "length" for s in sinks)
+
+
+def test_prepacked_bf16_linears_decode_exactly_like_stock_ones():
+    """bf16 on the CPU: decode-sized matmuls go through pre-packed weights; results are the
+    stock F.linear's, bit for bit (tokens and logits), and prefill-sized inputs keep F.linear."""
+    from semshare_core.models import tiny_random_model
+    from semshare_core.prepack import MAX_PACKED_ROWS, prepack_supported
+
+    tok = tokenizer()
+    plain = tiny_random_model("llama", vocab_size=len(tok), dtype="bfloat16", seed=5)
+    if not prepack_supported(plain):
+        pytest.skip("this torch build has no bf16 oneDNN linear")
+    stock = SemShareEngine(plain, tok, SemShareConfig(window=1, recompute_min_tokens=0), prepack=False)
+    packed_model = tiny_random_model("llama", vocab_size=len(tok), dtype="bfloat16", seed=5)
+    fast = SemShareEngine(packed_model, tok, SemShareConfig(window=1, recompute_min_tokens=0))
+    assert stock.prepacked == 0 and fast.prepacked == sum(isinstance(m, torch.nn.Linear)
+                                                          for m in packed_model.modules())
+    ids = _ids(stock, 0, 6)
+    a, b = stock.prefill(ids), fast.prefill(ids)
+    assert torch.equal(a.logits, b.logits)
+    assert list(stock.decode(a, 12, stop_on_eos=False)) == list(fast.decode(b, 12, stop_on_eos=False))
+    x = torch.randn(1, 5, packed_model.config.hidden_size, dtype=torch.bfloat16)
+    lin = packed_model.model.layers[0].mlp.up_proj
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+    big = torch.randn(1, MAX_PACKED_ROWS + 1, packed_model.config.hidden_size, dtype=torch.bfloat16)
+    assert torch.equal(lin(big), torch.nn.functional.linear(big, lin.weight))
+    assert stock.signature == fast.signature
