@@ -37,12 +37,19 @@ class HotEntry:
     hits: int = 0
 
 
-def default_hot_bytes(device: torch.device | str) -> int:
-    """Per device: 20% of the accelerator's memory; on the CPU 5% of RAM, at most 1 GiB."""
+def default_hot_bytes(device: torch.device | str, num_gpus: float = 0.0, weights_bytes: int = 0,
+                      kv_budget_bytes: int = 0) -> int:
+    """The hot tier's default cap for one replica.
+
+    On an accelerator: what is left of this replica's share of the card (``num_gpus``
+    below 1 is a fraction of it) after its weights and its scheduler's KV budget, half of
+    it, and at most 20% of the share (fractional GPUs never overcommit). On the CPU 5% of
+    RAM, at most 1 GiB.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        return int(total * 0.2)
+        return hot_bytes_for(total, num_gpus, weights_bytes, kv_budget_bytes)
     try:
         import os
 
@@ -50,6 +57,13 @@ def default_hot_bytes(device: torch.device | str) -> int:
     except (ValueError, OSError, AttributeError):
         ram = 8 << 30
     return int(min(1 << 30, ram * 0.05))
+
+
+def hot_bytes_for(total: int, num_gpus: float, weights_bytes: int, kv_budget_bytes: int) -> int:
+    """The accelerator rule of :func:`default_hot_bytes` on plain numbers."""
+    share = total * min(1.0, num_gpus or 1.0)
+    left = share - weights_bytes - kv_budget_bytes
+    return int(max(0.0, min(0.2 * share, 0.5 * left)))
 
 
 def device_kv(packed: PackedKV, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -171,7 +171,12 @@ class ReusePath:
     def __init__(self, engine, args: AppArgs, replica: str, index: IndexClient, count=None):
         self.engine, self.args, self.replica, self.index = engine, args, replica, index
         self.count = count or (lambda reason: None)
-        cap = args.hot_tier_bytes if args.hot_tier_bytes is not None else default_hot_bytes(engine.device)
+        cap = args.hot_tier_bytes
+        if cap is None:
+            weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) \
+                if hasattr(engine, "model") else 0
+            kv = args.scheduler_config(engine.device).kv_budget_bytes or 0 if engine.device.type != "cpu" else 0
+            cap = default_hot_bytes(engine.device, args.num_gpus, weights, kv)
         self.hot = HotTier(cap, on_evict=self._on_evict)
         self.pinned = HostStaging(engine.device)  # hot-tier admission on an accelerator (pinned, reused)
         self._pinned_lock = threading.Lock()
@@ -294,7 +299,9 @@ class ReusePath:
             logger.info("hot-tier admission of %s failed: %s: %s", ref.key, type(e).__name__, e)
 
     def _keep_hot(self, key: str, uid: str, packed, kv: torch.Tensor, depth: int, exact: bool) -> bool:
-        nbytes = packed.nbytes if kv.device.type == "cpu" else kv.numel() * kv.element_size()
+        # on the CPU the device tensor is a view of the host copy; on an accelerator the entry
+        # holds both (the host copy feeds exports and the layered staging): count both
+        nbytes = packed.nbytes if kv.device.type == "cpu" else kv.numel() * kv.element_size() + packed.nbytes
         return self.hot.put(HotEntry(uid, key, packed, kv, int(nbytes), int(depth), bool(exact)))
 
     # failures ------------------------------------------------------------------------

@@ -62,6 +62,17 @@ def test_default_hot_bytes_is_bounded():
     assert 0 < n <= 1 << 30
 
 
+def test_gpu_hot_tier_is_sized_from_what_is_left_of_the_replicas_share():
+    from serve_app.hot_tier import hot_bytes_for
+
+    G = 1 << 30
+    assert hot_bytes_for(80 * G, 1, 16 * G, 24 * G) == int(0.2 * 80 * G)        # plenty left: 20% of the card
+    assert hot_bytes_for(80 * G, 0.5, 16 * G, 12 * G) == int(0.5 * (40 - 28) * G)  # half a card: what is left
+    assert hot_bytes_for(80 * G, 0.25, 16 * G, 6 * G) == 0                         # nothing left: no hot tier
+    # four quarter-GPU replicas never promise more than the card holds
+    assert 4 * (hot_bytes_for(80 * G, 0.25, 2 * G, 6 * G) + 2 * G + 6 * G) <= 80 * G
+
+
 def test_replica_request_checks():
     from serve_app.protocol import ClientError, ReplicaRequest, Sampling
 
