@@ -1,0 +1,127 @@
+"""Where a decode token's time goes, at batch 1 and batch 8 (in-process, no serving).
+
+    python -m benchmarks.decode_profile                 # SmolLM2-135M bf16, 1 thread
+    python -m benchmarks.decode_profile --contexts 100 1000 --batches 1 8 --steps 10
+
+Runs :func:`semshare_core.batch.batch_step` (the scheduler's decode step) on B requests of
+a given context length, ``--rounds`` interleaved rounds of ``--steps`` steps each, and
+reports the step's wall time (median, min-max over rounds) and, from one profiled round,
+the share of the step spent in the linear layers (matmuls, LM head included), attention
+(one SDPA call per request and layer), KV appends (the copies into each request's
+buffers) and everything else (norms, rotary, activations, Python and dispatch).
+Writes ``benchmarks/results/<name>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LINEAR = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm")
+ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+             "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
+
+
+def classify(rows: list[tuple[str, float]]) -> dict[str, float]:
+    """Self CPU time (us) per op name -> ``{linear, attention, kv_append, other}`` shares of the total."""
+    total = sum(t for _, t in rows) or 1.0
+    out = {"linear": 0.0, "attention": 0.0, "kv_append": 0.0, "other": 0.0}
+    for name, t in rows:
+        if name in LINEAR:
+            out["linear"] += t
+        elif name in ATTENTION:
+            out["attention"] += t
+        elif name == "aten::copy_":
+            out["kv_append"] += t
+        else:
+            out["other"] += t
+    return {k: round(v / total, 3) for k, v in out.items()}
+
+
+def measure(engine, context: int, batch: int, steps: int, rounds: int, seed: int = 0) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from semshare_core.batch import batch_step
+
+    rng = np.random.default_rng(seed)
+    vocab = engine.signature.vocab_size
+    with torch.inference_mode():
+        seqs = [engine.decode_state(engine.prefill(rng.integers(100, vocab - 1, context))) for _ in range(batch)]
+        toks = [5] * batch
+        batch_step(engine.model, seqs, toks)
+        per_round = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                batch_step(engine.model, seqs, toks)
+            per_round.append((time.perf_counter() - t0) / steps * 1e3)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                batch_step(engine.model, seqs, toks)
+    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    med = statistics.median(per_round)
+    return {"context": context, "batch": batch, "step_ms": round(med, 2),
+            "step_ms_min": round(min(per_round), 2), "step_ms_max": round(max(per_round), 2),
+            "ms_per_token": round(med / batch, 2), "shares": classify(rows)}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Decode step profile `{res['name']}`", "",
+             f"{res['model']} {res['dtype']}, {res['threads']} torch thread(s), prepacked linears: "
+             f"{res['prepacked']}, on {res['machine']}; load average before/after {res['loadavg']}.", "",
+             f"Step time: median of {res['rounds']} rounds x {res['steps']} steps (min-max); shares from one "
+             "profiled round (self CPU time by op).", "",
+             "| context | batch | step ms (min-max) | ms per token | linear | attention | KV append | other |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["runs"]:
+        s = r["shares"]
+        lines.append(f"| {r['context']} | {r['batch']} | {r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']}) | "
+                     f"{r['ms_per_token']} | {s['linear']:.0%} | {s['attention']:.0%} | {s['kv_append']:.0%} | "
+                     f"{s['other']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import os
+
+    from semshare_core import SemShareEngine
+    from semshare_core.models import load_smollm2
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-prepack", action="store_true")
+    p.add_argument("--name", default="decode-profile-cpu")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    lm = load_smollm2()
+    engine = SemShareEngine(lm.model, lm.tokenizer, prepack=not a.no_prepack)
+    before = [round(x, 2) for x in os.getloadavg()]
+    runs = []
+    for ctx in a.contexts:
+        for b in a.batches:
+            runs.append(measure(engine, ctx, b, a.steps, a.rounds))
+            print(runs[-1], flush=True)
+    res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": str(engine.dtype).replace("torch.", ""),
+           "threads": a.threads, "prepacked": engine.prepacked, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "loadavg": [before, [round(x, 2) for x in os.getloadavg()]], "steps": a.steps, "rounds": a.rounds,
+           "runs": runs}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{a.name}.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
