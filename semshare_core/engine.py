@@ -23,7 +23,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from .config import SemShareConfig
 from .families import family_of

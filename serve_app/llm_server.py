@@ -55,7 +55,6 @@ from .settings import AppArgs, load_model
 
 logger = logging.getLogger("ray.serve")
 
-_END = object()
 _internal_key, _public_key = internal_key, public_key  # old names
 
 
