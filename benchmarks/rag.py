@@ -99,8 +99,9 @@ def with_fact(passage: str, city: str, code: str) -> str:
 
 
 def build(lengths: list[int], sources: list[int], prompts: int, n_facts: int, entries: int, seed: int,
-          count_tokens) -> dict:
-    """Cached prompts (per length) and new prompts; all seeded."""
+          count_tokens, per_length: dict | None = None) -> dict:
+    """Cached prompts (per length) and new prompts; all seeded. ``per_length``: optional
+    ``{length: {"sources": [...], "prompts": k, "facts": k}}`` overriding the global plan."""
     rng = random.Random(f"rag:{seed}")
     sample = make_passages(20, seed=seed + 99)
     per_passage = statistics.mean(count_tokens(f"Document 1: {p}") + 2 for p in sample)
@@ -128,11 +129,13 @@ def build(lengths: list[int], sources: list[int], prompts: int, n_facts: int, en
                      "text": render(ps, CACHED_QUESTIONS[e % len(CACHED_QUESTIONS)])}
             group.append(entry)
             out["cached"].append(entry)
-        for s in sources:
+        over = (per_length or {}).get(L, {})
+        for s in over.get("sources", sources):
             if s > entries:
                 continue
-            for k in range(prompts + n_facts):
-                fact_prompt = k >= prompts
+            n_rag = over.get("prompts", prompts)
+            for k in range(n_rag + over.get("facts", n_facts)):
+                fact_prompt = k >= n_rag
                 chosen = rng.sample(range(entries), s)
                 counts = [P // s + (1 if i < P % s else 0) for i in range(s)]
                 picked = []  # (entry, passage index)
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="top-k values for the retrieval table")
     ap.add_argument("--config", default="{}", help="JSON SemShareConfig overrides for single and multi")
+    ap.add_argument("--plan", default="{}", help='JSON per length, e.g. {"2048": {"sources": [3, 4], "prompts": 2, '
+                    '"facts": 1}} (overrides --sources/--prompts/--facts there)')
     ap.add_argument("--out", default="rag-smollm2-cpu")
     a = ap.parse_args(argv)
     if a.reps < 5:
@@ -227,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     def encode(text: str) -> np.ndarray:
         return eng.encode_chat([{"role": "user", "content": text}])
 
-    data = build(a.lengths, a.sources, a.prompts, a.facts, a.entries, a.seed, count)
+    plan = {int(k): v for k, v in json.loads(a.plan).items()}
+    data = build(a.lengths, a.sources, a.prompts, a.facts, a.entries, a.seed, count, plan)
     print(f"passages ~{data['per_passage_tokens']:.0f} tokens, per prompt {data['passages_per_prompt']}; "
           f"{len(data['cached'])} cached, {len(data['new'])} new prompts", file=sys.stderr, flush=True)
     index = SemanticIndex(cfg.fingerprint_dim, max_items=4096, max_bytes=1 << 40)
