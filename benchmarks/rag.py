@@ -99,8 +99,9 @@ def with_fact(passage: str, city: str, code: str) -> str:
 
 
 def build(lengths: list[int], sources: list[int], prompts: int, n_facts: int, entries: int, seed: int,
-          count_tokens) -> dict:
-    """Cached prompts (per length) and new prompts; all seeded."""
+          count_tokens, per_length: dict | None = None) -> dict:
+    """Cached prompts (per length) and new prompts; all seeded. ``per_length``: optional
+    ``{length: {"sources": [...], "prompts": k, "facts": k}}`` overriding the global plan."""
     rng = random.Random(f"rag:{seed}")
     sample = make_passages(20, seed=seed + 99)
     per_passage = statistics.mean(count_tokens(f"Document 1: {p}") + 2 for p in sample)
@@ -128,11 +129,13 @@ def build(lengths: list[int], sources: list[int], prompts: int, n_facts: int, en
                      "text": render(ps, CACHED_QUESTIONS[e % len(CACHED_QUESTIONS)])}
             group.append(entry)
             out["cached"].append(entry)
-        for s in sources:
+        over = (per_length or {}).get(L, {})
+        for s in over.get("sources", sources):
             if s > entries:
                 continue
-            for k in range(prompts + n_facts):
-                fact_prompt = k >= prompts
+            n_rag = over.get("prompts", prompts)
+            for k in range(n_rag + over.get("facts", n_facts)):
+                fact_prompt = k >= n_rag
                 chosen = rng.sample(range(entries), s)
                 counts = [P // s + (1 if i < P % s else 0) for i in range(s)]
                 picked = []  # (entry, passage index)
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="top-k values for the retrieval table")
     ap.add_argument("--config", default="{}", help="JSON SemShareConfig overrides for single and multi")
+    ap.add_argument("--plan", default="{}", help='JSON per length, e.g. {"2048": {"sources": [3, 4], "prompts": 2, '
+                    '"facts": 1}} (overrides --sources/--prompts/--facts there)')
     ap.add_argument("--out", default="rag-smollm2-cpu")
     a = ap.parse_args(argv)
     if a.reps < 5:
@@ -227,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     def encode(text: str) -> np.ndarray:
         return eng.encode_chat([{"role": "user", "content": text}])
 
-    data = build(a.lengths, a.sources, a.prompts, a.facts, a.entries, a.seed, count)
+    plan = {int(k): v for k, v in json.loads(a.plan).items()}
+    data = build(a.lengths, a.sources, a.prompts, a.facts, a.entries, a.seed, count, plan)
     print(f"passages ~{data['per_passage_tokens']:.0f} tokens, per prompt {data['passages_per_prompt']}; "
           f"{len(data['cached'])} cached, {len(data['new'])} new prompts", file=sys.stderr, flush=True)
     index = SemanticIndex(cfg.fingerprint_dim, max_items=4096, max_bytes=1 << 40)
@@ -320,19 +326,27 @@ def main(argv: list[str] | None = None) -> int:
             del pre
         rng = random.Random(f"{a.seed}:{pi}")
         ttft = {m: [] for m in timed}
+        cpu = {m: [] for m in timed}
+        stages = {m: [] for m in timed}
         for _ in range(a.reps):
             order = list(timed)
             rng.shuffle(order)
             for name in order:
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 pre = run(name)
                 int(torch.argmax(pre.logits))
                 ttft[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.thread_time() - c0) * 1e3)
+                stages[name].append((pre.stats.mapping_ms, pre.stats.gather_ms, pre.stats.prefill_ms))
                 del pre
         for name in names:
             if name in ttft and a.reps > 0:
                 recs[name].update(ttft_ms=statistics.median(ttft[name]), ttft_rounds=ttft[name],
-                                  **metrics.speedup_summary(ttft["full"], ttft[name]))
+                                  cpu_ms=statistics.median(cpu[name]),
+                                  **{k: statistics.median(x[i] for x in stages[name])
+                                     for i, k in enumerate(("mapping_ms", "gather_ms", "prefill_ms"))},
+                                  **metrics.speedup_summary(ttft["full"], ttft[name]),
+                                  **metrics.speedup_summary(cpu["full"], cpu[name], key="speedup_cpu"))
             records.append(recs[name])
         m = recs["multi"]
         s = recs["single"]
@@ -366,7 +380,14 @@ def summarize(recs: list[dict]) -> dict:
     sp = [r["speedup"] for r in recs if "speedup" in r]
     rounds = [x for r in recs for x in r.get("speedup_rounds", [])]
     ans = [r for r in recs if "answer_correct" in r]
+    spc = [r["speedup_cpu"] for r in recs if "speedup_cpu" in r]
+    rounds_c = [x for r in recs for x in r.get("speedup_cpu_rounds", [])]
     return {"prompts": len(recs), "tokens": _med([r["n_tokens"] for r in recs]),
+            "speedup_cpu": _med(spc) if spc else None, "speedup_cpu_min": min(rounds_c) if rounds_c else None,
+            "speedup_cpu_max": max(rounds_c) if rounds_c else None,
+            "mapped": _med([r.get("mapped_share", 0.0) for r in recs]),
+            "reused_mean": _med([r.get("reused_mean", 0.0) for r in recs]),
+            "stage_ms": tuple(_med([r.get(k) for r in recs]) for k in ("mapping_ms", "gather_ms", "prefill_ms")),
             "hit": sum(r["hit"] for r in recs) / len(recs),
             "reused": _med([r["reused_share"] for r in recs]), "flop": _med([r["flop_proxy"] for r in recs]),
             "speedup": _med(sp) if sp else None, "speedup_min": min(rounds) if rounds else None,
@@ -381,15 +402,18 @@ def summarize(recs: list[dict]) -> dict:
 
 def _row(label: str, s: dict) -> str:
     sp = "-" if s["speedup"] is None else f"{s['speedup']:.2f}x [{s['speedup_min']:.2f}–{s['speedup_max']:.2f}]"
+    spc = ("-" if s["speedup_cpu"] is None else
+           f"{s['speedup_cpu']:.2f}x [{s['speedup_cpu_min']:.2f}–{s['speedup_cpu_max']:.2f}]")
     fact = "-" if s["correct"] is None else f"{s['correct'][0]}/{s['correct'][1]} ({s['stale']} stale)"
-    return (f"| {label} | {s['prompts']} | {s['tokens']:.0f} | {s['hit']:.0%} | {s['reused']:.2f} | {s['flop']:.2f} | "
-            f"{sp} | {s['agreement']:.2f} / {s['agreement_p10']:.2f} | {s['first']:.0%} | {s['ppl']:.3f} / "
-            f"{s['ppl_max']:.3f} | {fact} |")
+    return (f"| {label} | {s['prompts']} | {s['tokens']:.0f} | {s['hit']:.0%} | {s['mapped']:.2f} | {s['reused']:.2f} | "
+            f"{s['reused_mean']:.2f} | {s['flop']:.2f} | {sp} | {spc} | {s['agreement']:.2f} / {s['agreement_p10']:.2f} | "
+            f"{s['first']:.0%} | {s['ppl']:.3f} / {s['ppl_max']:.3f} | {fact} |")
 
 
-HEADER = ("| group | method | prompts | tokens | hit | reused | FLOP proxy | speedup [round range] | agreement med / p10 "
-          "| first tok | ppl ratio med / max | fact correct |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- "
-          "| ---: | --- | --- |")
+HEADER = ("| group | method | prompts | tokens | hit | mapped | reused (layer 1) | reused (mean, layers 1+) | FLOP proxy "
+          "| speedup [round range] | CPU-time speedup [range] | agreement med / p10 | first tok | ppl ratio med / max "
+          "| fact correct |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | --- "
+          "| --- |")
 
 
 def report(res: dict) -> str:
@@ -445,8 +469,13 @@ def report(res: dict) -> str:
     t = [r for r in recs if r["method"] == "multi" and r["length"] >= 1536 and r["sources"] >= 3]
     if t:
         s = summarize(t)
-        checks = [("reused share >= 0.8", s["reused"], s["reused"] >= 0.8),
-                  ("median speedup >= 2.5x", s["speedup"], s["speedup"] is not None and s["speedup"] >= 2.5),
+        checks = [("reused share >= 0.8 (layer-1 rows reused)", s["reused"], s["reused"] >= 0.8),
+                  ("reused share >= 0.8 (mean over layers 1+)", s["reused_mean"], s["reused_mean"] >= 0.8),
+                  ("reused share >= 0.8 (tokens mapped to a source)", s["mapped"], s["mapped"] >= 0.8),
+                  ("median speedup >= 2.5x (wall, shared box)", s["speedup"],
+                   s["speedup"] is not None and s["speedup"] >= 2.5),
+                  ("median speedup >= 2.5x (CPU time)", s["speedup_cpu"] or 0.0,
+                   s["speedup_cpu"] is not None and s["speedup_cpu"] >= 2.5),
                   ("agreement median >= 0.95", s["agreement"], s["agreement"] >= 0.95),
                   ("agreement p10 >= 0.90", s["agreement_p10"], s["agreement_p10"] >= 0.90),
                   ("first token >= 90%", s["first"], s["first"] >= 0.9),
