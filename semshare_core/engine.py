@@ -358,9 +358,19 @@ class SemShareEngine:
                 return self._full(ids, mapping_ms=(t1 - t0) * 1e3)
         feed = self.reference_feed(reference, mapping, cfg, reference_kv)
         t2 = self._clock()
+        return self._selective(ids, feed, mapping.must_recompute, mapping, mapping.counts, cfg, (t1 - t0) * 1e3,
+                               (t2 - t1) * 1e3)
+
+    def _selective(self, ids: np.ndarray, feed, forced: np.ndarray, mapping, counts: dict, cfg: SemShareConfig,
+                   mapping_ms: float, gather_ms: float) -> PrefillResult:
+        """The selective prefill on a prepared reference ``feed`` (one or several sources),
+        pruning when ``retention`` < 1, and the hit's :class:`PrefillResult`. ``forced``:
+        bool ``[n]``, rows recomputed in every layer."""
+        n, L = int(ids.size), self.num_layers
+        t2 = self._clock()
         prune = cfg.retention < 1.0
-        out = selective_prefill(self.model, torch.from_numpy(ids), feed,
-                                torch.from_numpy(mapping.must_recompute), cfg, record_attention=prune)
+        out = selective_prefill(self.model, torch.from_numpy(ids), feed, torch.from_numpy(forced), cfg,
+                                record_attention=prune)
         kept = None
         if prune:
             floor = min(n, cfg.sink_tokens + cfg.window)
@@ -373,7 +383,7 @@ class SemShareEngine:
         stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
                              rows_per_layer=out.rows_per_layer, probe_rows=out.probe_rows,
                              retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
-                             mapping=mapping.counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
+                             mapping=counts, mapping_ms=mapping_ms, gather_ms=gather_ms,
                              prefill_ms=(t3 - t2) * 1e3, staging=feed.staging)
         return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True,
                              kept=kept)
@@ -523,26 +533,9 @@ class SemShareEngine:
             "cpu" if self.device.type == "cpu" else "whole")
         feed = ImmediateFeed(buf, staging)
         t2 = self._clock()
-        prune = cfg.retention < 1.0
-        out = selective_prefill(self.model, torch.from_numpy(ids), feed, torch.from_numpy(forced), cfg,
-                                record_attention=prune)
-        kept = None
-        if prune:
-            floor = min(n, cfg.sink_tokens + cfg.window)
-            budgets = [max(b, floor) for b in layer_budgets(n, L, cfg.retention_share)]
-            kept = [retained_indices(out.importance[l], budgets[l], cfg.recovery, cfg.sink_tokens, cfg.window)
-                    for l in range(L)]
-        cache = pruned_cache(out.keys, out.values, kept)
-        t3 = self._clock()
-        recomputed = out.rows_per_layer[1] if L > 1 else n
         counts = dict(mapping.counts)
         counts["boundary"] = int((forced & ~mapping.must_recompute).sum())
-        stats = PrefillStats(prompt_tokens=n, hit=True, reused_tokens=n - recomputed, recomputed_tokens=recomputed,
-                             rows_per_layer=out.rows_per_layer, probe_rows=out.probe_rows,
-                             retained_per_layer=[int(k.numel()) for k in kept] if kept else [n] * L,
-                             mapping=counts, mapping_ms=(t1 - t0) * 1e3, gather_ms=(t2 - t1) * 1e3,
-                             prefill_ms=(t3 - t2) * 1e3, staging=feed.staging)
-        return PrefillResult(ids, out.logits, cache, out.keys, out.values, stats, mapping, explicit_positions=True)
+        return self._selective(ids, feed, forced, mapping, counts, cfg, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
     # decode ----------------------------------------------------------------------
     def decode(self, pre: PrefillResult, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
