@@ -11,7 +11,9 @@ default power-of-two-choices router (:meth:`CacheAffinityRouter.two_choices`; on
 public ``ray.serve.request_router`` API is imported).
 
 The load-balance test follows Ray Serve LLM's ``PrefixCacheAffinityRouter``: queue
-lengths come from the router's queue-length cache, probing replicas missing from it.
+lengths come from the router's queue-length cache, probing replicas missing from it
+(a replica that does not answer in time is probed again with Serve's longer backoff
+deadlines, up to three tries, before a holder is left for being unknown).
 
 Replicas that leave the replica set leave the index too: when Serve shrinks the
 router's replica set (``update_replicas``: the controller's update after a death,
@@ -170,10 +172,18 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 probe.append(r)
             else:
                 lens[r.replica_id] = q
-        if probe:
-            for r, q in await self._probe_queue_lens(probe, 0):
+        for backoff in (0, 1, 2):  # Serve's deadline doubles per backoff step (0.1 s, then 0.2, 0.4)
+            if not probe:
+                break
+            late = []
+            for r, q in await self._probe_queue_lens(probe, backoff):
                 if q is not None:
                     lens[r.replica_id] = q
+                else:
+                    late.append(r)
+            # a replica slow to answer a probe (a busy 2-core box) is asked again with a
+            # longer deadline before its affinity is given up
+            probe = late
         return lens
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],

@@ -111,16 +111,22 @@ class ReplicaRequest:
 
     @property
     def hot_replicas(self) -> list[str]:
-        """Read by the request router (cache affinity): the replicas holding the most
-        reusable tokens hot (with one source: the replicas holding it)."""
-        held: dict[str, int] = {}
-        for r in self.sources:
-            for rep in r.hot:
-                held[rep] = held.get(rep, 0) + int(r.ref_token_count)
-        if not held:
+        """Read by the request router (cache affinity): the replicas holding the best
+        source hot (with one source: the replicas holding it); among them, or when no
+        replica holds the best one, those holding the most other sources."""
+        srcs = self.sources
+        if not srcs:
             return []
-        best = max(held.values())
-        return sorted(rep for rep, n in held.items() if n == best)
+        primary = set(srcs[0].hot)
+        held: dict[str, int] = {}
+        for r in srcs[1:]:
+            for rep in r.hot:
+                held[rep] = held.get(rep, 0) + 1
+        pool = primary or set(held)
+        if not pool:
+            return []
+        best = max(held.get(rep, 0) for rep in pool)
+        return sorted(rep for rep in pool if held.get(rep, 0) == best)
 
     def check(self, max_prompt_tokens: int, vocab_size: int) -> None:
         """Defensive checks on the replica (the ingress already validated): ClientError."""

@@ -101,7 +101,9 @@ def test_variant_is_routed_to_the_replica_holding_it_hot(server):
     keys = {"xrep"}  # a variant registers too (and may be the next variant's best match)
     for i in range(6):
         r = server.gen(edited(p, 0.1 + 0.02 * i) if i % 2 else p, temperature=0, max_new_tokens=4)
-        assert r["replica"] == owner and r["cache_hit"] is True and r["ref_key"] in keys, (r, keys)
+        assert r["replica"] == owner and r["cache_hit"] is True and r["ref_key"] in keys, (
+            i, r["replica"], owner, r["cache_tier"], r["fallback"], r["ref_key"], keys,
+            [e["hot"] for e in server.index_actor_entries() if e["key"] == "default:xrep"])
         assert r["cache_tier"] == "hot" and r["timing"]["kv_fetch_ms"] == 0.0, r
         if i % 2 == 0:
             assert r["ref_key"] == "xrep" and r["text"] == first["text"]

@@ -88,6 +88,28 @@ def test_full_or_unknown_holder_is_left_and_dead_holders_ignored(monkeypatch):
     assert names(choose(r, reps, ["a"])) == [["a"]] and len(called) == 3
 
 
+def test_a_holder_slow_to_answer_the_first_probe_is_asked_again():
+    """A busy box: the holder misses the first probe's deadline but answers the next
+    (longer) one; it keeps the request. Three misses: it is left."""
+    reps = [FakeReplica("a"), FakeReplica("b")]
+    r = make_router({"b": 0}, threshold=1)
+    asked = []
+
+    async def probe(replicas, backoff):
+        asked.append((backoff, [x.name for x in replicas]))
+        return [(x, 0 if backoff >= 1 else None) for x in replicas]
+    r._probe_queue_lens = probe
+    assert names(choose(r, reps, ["a"]))[0] == ["a"]
+    assert asked == [(0, ["a"]), (1, ["a"])]
+
+    async def never(replicas, backoff):
+        asked.append(backoff)
+        return [(x, None) for x in replicas]
+    r._probe_queue_lens = never
+    asked.clear()
+    assert names(choose(r, reps, ["a"]))[0] == ["b"] and asked == [0, 1, 2]
+
+
 def test_two_holders_least_loaded_first():
     reps = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
     r = make_router({"a": 2, "b": 1, "c": 1}, threshold=1)

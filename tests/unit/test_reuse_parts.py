@@ -142,3 +142,22 @@ def test_cold_hit_on_an_accelerator_leaves_staging_to_the_engine(engine, monkeyp
     ready, fb = asyncio.run(go())
     assert fb is None and ready.tier == "cold" and ready.kv is None and ready.packed is packed
     assert copies == [] and admitted == [("t:k", packed)]
+
+
+def test_affinity_prefers_the_holder_of_the_best_source():
+    """Several sources: the replica holding the best (first) source wins over one holding a
+    longer secondary source; among holders of the best, the one holding most others."""
+    from serve_app.protocol import Reference, ReplicaRequest, Sampling
+
+    def ref(key, n, hot):
+        return Reference(key, key, 0.9, n, hot=hot)
+
+    req = ReplicaRequest("t", Sampling(4, 0.0, 1.0), reference=ref("a", 100, ["r1"]),
+                         more_sources=[ref("b", 900, ["r2"])])
+    assert req.hot_replicas == ["r1"]
+    req.reference = ref("a", 100, ["r1", "r2"])
+    assert req.hot_replicas == ["r2"]
+    req.reference = ref("a", 100, [])
+    assert req.hot_replicas == ["r2"]
+    assert ReplicaRequest("t", Sampling(4, 0.0, 1.0), reference=ref("a", 10, ["r1", "r3"])).hot_replicas == ["r1", "r3"]
+    assert ReplicaRequest("t", Sampling(4, 0.0, 1.0)).hot_replicas == []
