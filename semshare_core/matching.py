@@ -28,18 +28,10 @@ NONE = 3         # no acceptable match: always recomputed
 KIND_NAMES = ("exact_span", "exact_token", "fuzzy", "none")
 
 
-@dataclass(frozen=True)
-class TokenMapping:
-    """Mapping of a target prompt (length n) onto a reference prompt (length m).
+class MatchKinds:
+    """What every mapping derives from its ``kind`` array (int8 ``[n]``)."""
 
-    ``ref_index``: int64 ``[n]``, reference position each target token reuses (0 for
-    ``NONE``: any valid row, it is overwritten). ``kind``: int8 ``[n]``, one of
-    ``EXACT_SPAN``/``EXACT_TOKEN``/``FUZZY``/``NONE``.
-    """
-
-    ref_index: np.ndarray
     kind: np.ndarray
-    ref_len: int
 
     @property
     def counts(self) -> dict[str, int]:
@@ -54,6 +46,20 @@ class TokenMapping:
     @property
     def exact(self) -> np.ndarray:
         return self.kind <= EXACT_TOKEN
+
+
+@dataclass(frozen=True)
+class TokenMapping(MatchKinds):
+    """Mapping of a target prompt (length n) onto a reference prompt (length m).
+
+    ``ref_index``: int64 ``[n]``, reference position each target token reuses (0 for
+    ``NONE``: any valid row, it is overwritten). ``kind``: int8 ``[n]``, one of
+    ``EXACT_SPAN``/``EXACT_TOKEN``/``FUZZY``/``NONE``.
+    """
+
+    ref_index: np.ndarray
+    kind: np.ndarray
+    ref_len: int
 
 
 def align_exact(target: np.ndarray, reference: np.ndarray, anchor: int = 3,

@@ -33,11 +33,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .matching import EXACT_SPAN, EXACT_TOKEN, FUZZY, KIND_NAMES, NONE, ReferenceLSH, positional_embeddings
+from .matching import EXACT_SPAN, EXACT_TOKEN, FUZZY, NONE, MatchKinds, ReferenceLSH, positional_embeddings
 
 
 @dataclass(frozen=True)
-class SourceMapping:
+class SourceMapping(MatchKinds):
     """Mapping of a target prompt (length n) onto several sources.
 
     ``source``: int32 ``[n]``, index into the list of sources (-1 for ``NONE``);
@@ -50,19 +50,6 @@ class SourceMapping:
     src_index: np.ndarray
     kind: np.ndarray
     src_lens: tuple[int, ...]
-
-    @property
-    def counts(self) -> dict[str, int]:
-        c = np.bincount(self.kind.astype(np.int64), minlength=4)
-        return {name: int(c[i]) for i, name in enumerate(KIND_NAMES)}
-
-    @property
-    def must_recompute(self) -> np.ndarray:
-        return self.kind == NONE
-
-    @property
-    def exact(self) -> np.ndarray:
-        return self.kind <= EXACT_TOKEN
 
     def rows_per_source(self) -> list[int]:
         """Target tokens mapped to each source (any kind but ``NONE``)."""
