@@ -389,16 +389,7 @@ class KVIndex:
 
     def audit(self) -> dict:
         """Check the byte accounting against the stored objects themselves (slow; tests/ops)."""
-        recorded, actual, lost = 0, 0, []
-        for e in list(self.index.entries()):
-            recorded += e.nbytes
-            try:
-                obj = ray.get(e.payload, timeout=30)
-                actual += len(obj) if isinstance(obj, (bytes, bytearray)) else obj.nbytes
-            except Exception:  # noqa: BLE001 - report, never raise
-                lost.append(e.key)
-        return {"index_bytes": self.index.nbytes, "sum_entry_nbytes": recorded, "sum_object_nbytes": actual,
-                "entries": len(self.index), "lost": lost}
+        return _audit({"index_bytes": self.index.nbytes, "entries": list(self.index.entries())})
 
     def ping(self) -> dict:
         return {"ok": True, "entries": len(self.index), "uptime_s": round(time.time() - self.started, 3)}
