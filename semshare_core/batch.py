@@ -105,8 +105,8 @@ class SeqKV:
         n = self.lengths[l]
         if n == self.keys[l].shape[2]:
             self._grow(l)
-        self.keys[l][:, :, n:n + 1].copy_(k)
-        self.values[l][:, :, n:n + 1].copy_(v)
+        self.keys[l].narrow(2, n, 1).copy_(k)  # narrow: one view op (a [:, :, n:n+1] index makes three)
+        self.values[l].narrow(2, n, 1).copy_(v)
         if self.sparse:
             self.positions[l][n] = self.position
         self.lengths[l] = n + 1
@@ -121,7 +121,7 @@ class SeqKV:
                 a = int(torch.searchsorted(self.positions[l][:n], self.position - window + 1))
             else:
                 a = max(0, n - window)
-        return self.keys[l][:, :, a:n], self.values[l][:, :, a:n]
+        return self.keys[l].narrow(2, a, n - a), self.values[l].narrow(2, a, n - a)
 
 
 class BatchCache:
@@ -133,7 +133,7 @@ class BatchCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for i, s in enumerate(self.seqs):
-            s.append(layer_idx, key_states[:, :, i:i + 1], value_states[:, :, i:i + 1])
+            s.append(layer_idx, key_states.narrow(2, i, 1), value_states.narrow(2, i, 1))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -148,14 +148,14 @@ def _ragged_attention(module, query, key, value, attention_mask, scaling=None, s
     """query ``[1, Hq, B, D]``: request ``i`` attends over ``seqs[i]``'s own rows. Returns ``[1, B, Hq, D]``."""
     cache: BatchCache = _STATE.cache
     l = module.layer_idx
-    B, Hq, D = query.shape[2], query.shape[1], query.shape[3]
-    out = query.new_empty((1, B, Hq, D))
+    Hq = query.shape[1]
+    outs = []
     for i, s in enumerate(cache.seqs):
         k, v = s.rows(l, sliding_window)
-        o = F.scaled_dot_product_attention(query[:, :, i:i + 1], k, v, scale=scaling,
-                                           enable_gqa=Hq != k.shape[1])      # [1, Hq, 1, D]
-        out[:, i] = o[:, :, 0]
-    return out, None
+        outs.append(F.scaled_dot_product_attention(query.narrow(2, i, 1), k, v, scale=scaling,
+                                                   enable_gqa=Hq != k.shape[1]))  # [1, Hq, 1, D]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)               # [1, Hq, B, D]
+    return out.transpose(1, 2), None                                          # [1, B, Hq, D]
 
 
 ALL_ATTENTION_FUNCTIONS.register(IMPL, _ragged_attention)

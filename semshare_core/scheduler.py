@@ -393,9 +393,10 @@ class Scheduler:
                 self._finish(r, error=e)
             return 0
         logits = logits.cpu()
+        greedy = logits.argmax(-1).tolist()  # one call for the batch (first maximum, as argmax of a row)
         for i, r in enumerate(batch):
             p = r.params
-            self._emit(r, sample_token(logits[i], p.temperature, p.top_p, r._gen))
+            self._emit(r, greedy[i] if p.temperature <= 0 else sample_token(logits[i], p.temperature, p.top_p, r._gen))
         self.counters["decoded_tokens"] += len(batch)
         if self.config.step_delay_s:
             time.sleep(self.config.step_delay_s)
