@@ -50,6 +50,8 @@ from .schemas import (ChatCompletionRequest, ClearRequest, CompletionRequest, Ge
                       error_body)
 from .settings import AppArgs
 
+_TIMEOUT = getattr(asyncio, "timeout", None)  # 3.11+: a deadline without a Task per awaited event
+
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="semshare-serve", version="0.1.0",
@@ -394,7 +396,10 @@ class Ingress:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(gen.__anext__(), remaining)
+            if _TIMEOUT is None:  # Python 3.10
+                return await asyncio.wait_for(gen.__anext__(), remaining)
+            async with _TIMEOUT(remaining):  # no Task per event (wait_for makes one per token)
+                return await gen.__anext__()
         except StopAsyncIteration:
             raise
         except asyncio.TimeoutError:
