@@ -63,7 +63,10 @@ class RowPlan:
     full: bool
 
     @classmethod
-    def build(cls, rows: torch.Tensor, n: int, chunks: int = 1, sliding_window: int | None = None) -> "RowPlan":
+    def build(cls, rows: torch.Tensor, n: int, chunks: int = 1, sliding_window: int | None = None,
+              last_row: int | None = None) -> "RowPlan":
+        """``last_row``: ``rows[-1]`` when the caller knows it; with one chunk the plan then
+        reads nothing back from the device (several chunks read their bounds in one call)."""
         s = int(rows.numel())
         if s == n and sliding_window is None:
             return cls(rows, n, [(0, s, n)], [], True)
@@ -72,11 +75,14 @@ class RowPlan:
             bounds = [0, s]
         else:
             bounds = sorted({round(i * s / chunks) for i in range(chunks + 1)})
+        pairs = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if last_row is not None and len(pairs) == 1:
+            tops = [int(last_row)]
+        else:  # each chunk's last (largest) position, read back in one call
+            tops = rows[torch.tensor([b - 1 for _, b in pairs], device=rows.device)].tolist()
         spans, masks = [], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if b <= a:
-                continue
-            limit = int(rows[b - 1]) + 1
+        for (a, b), top in zip(pairs, tops):
+            limit = top + 1
             spans.append((a, b, limit))
             masks.append(visibility_mask(rows[a:b], limit, sliding_window))
         return cls(rows, n, spans, masks, False)

@@ -220,15 +220,20 @@ def selection_score(rule: str, probe: Probe, n: int, seed: int) -> torch.Tensor:
     raise ValueError(f"unknown selection rule {rule!r}")
 
 
-def _select(score: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
+def _select(score: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, k: int,
+            n_forced: int | None = None, n_eligible: int | None = None) -> torch.Tensor:
     """Sorted positions (into the current rows) to keep: all ``forced``, then the best-scored candidates.
 
     ``k`` is the budget; forced rows count inside it (they exceed it only when there
     are more forced rows than ``k``). Non-candidates (unchanged context) are never kept
-    unless forced.
+    unless forced. ``n_forced`` / ``n_eligible`` (forced rows; forced-or-candidate rows)
+    may be given by a caller that knows them, so the call reads nothing back from the
+    device (no host sync on an accelerator).
     """
     candidate = candidate | forced
-    k = min(max(k, int(forced.sum())), int(candidate.sum()))
+    n_forced = int(forced.sum()) if n_forced is None else n_forced
+    n_eligible = int(candidate.sum()) if n_eligible is None else n_eligible
+    k = min(max(k, n_forced), n_eligible)
     if k >= score.numel():
         return torch.arange(score.numel(), device=score.device)
     ranked = score.float().masked_fill(forced, float("inf")).masked_fill(~candidate, float("-inf"))
@@ -274,7 +279,8 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
     score = candidate = None
 
     def plan_for(r: torch.Tensor):
-        return RowPlan.build(r, n, chunks, sliding), (cos[:, r], sin[:, r])
+        # the last token is always recomputed (window >= 1), so the last row is n - 1
+        return RowPlan.build(r, n, chunks, sliding, last_row=n - 1), (cos[:, r], sin[:, r])
 
     probe_ok = L > 1 and _probe_supported(layers[1])
     chunks = cfg.chunks_for(dev)
@@ -306,10 +312,12 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
                     rule = "deviation" if rule in ("attention", "blend") else rule
                 score = selection_score(rule, probe, n, cfg.seed)
                 candidate = probe.deviation >= cfg.deviation_tol
-                keep = _select(score, candidate, forced_all, k)
+                keep = _select(score, candidate, forced_all, k, n_forced)  # the hit's one read-back
             elif k < rows.numel():
+                # every kept row is forced or a candidate, and every forced row is kept: both
+                # counts are known here, so a deeper layer's selection never waits on the device
                 current = cache.deviation if shrink_by_deviation else score[rows]
-                keep = _select(current, candidate[rows], forced_all[rows], k)
+                keep = _select(current, candidate[rows], forced_all[rows], k, n_forced, int(rows.numel()))
             else:
                 continue
             if keep.numel() < rows.numel():
