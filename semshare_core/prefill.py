@@ -29,6 +29,7 @@ KV (for decode and for registration).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ def _base(model: torch.nn.Module):
 
 def cache_kwarg(fn) -> str:
     """transformers >= 5.20 calls the cache argument ``cache``, older 5.x ``past_key_values``."""
+    return _cache_kwarg(getattr(fn, "__func__", fn))  # asked every decode step: inspect once per function
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg(fn) -> str:
     params = inspect.signature(fn).parameters
     return "cache" if "cache" in params else "past_key_values"
 
