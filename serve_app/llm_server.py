@@ -272,7 +272,7 @@ class SemShareServer:
         if sreq.reuse_error is not None and ready is not None:
             fallback, ready = self.reuse.reuse_failed(ready, sreq.reuse_error), None
         for rd in readies:
-            rd.ref.refs.clear()  # stop borrowing the objects as soon as the prefill is done
+            rd.release()  # stop borrowing the objects (and reading them in place) once prefilled
         stats = pre.stats
         hit = bool(stats.hit) and ready is not None
         per_source, src_depth = None, ref.depth if ref is not None else 0
