@@ -9,8 +9,11 @@
   - **hot**: the replica-local tier (:mod:`serve_app.hot_tier`) holds it, converted
     and on the engine device: no object-store get, no validation, no conversion;
   - **cold**: ``await ref`` (object store, zero-copy on the same node), check it
-    (:func:`serve_app.kvcheck.load_reference`), convert it to the device and keep it
-    hot (the index learns this replica holds it: the router will prefer it).
+    (:func:`serve_app.kvcheck.load_reference`); the request reads it in place and drops
+    its views once prefilled (:meth:`Ready.release`), while a worker thread copies it
+    into the replica's own memory (and to the device) for the hot tier (the index learns
+    this replica holds it: the router will prefer it). Nothing long-lived holds a view
+    into the object store, so an entry the index evicts leaves the store.
 
   A lost / corrupt / foreign object is a full prefill, and the entry is reported to the
   index (dropped there, and from the hot tier), so later requests stop fetching it. An
