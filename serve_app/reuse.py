@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -177,6 +178,8 @@ class Ready:
 class ReusePath:
     """One replica's side of reuse (see module docstring). ``count(reason)`` records fallbacks."""
 
+    MAX_BAD_UIDS = 1024  # entry versions reported bad, remembered (their admissions are refused)
+
     def __init__(self, engine, args: AppArgs, replica: str, index: IndexClient, count=None):
         self.engine, self.args, self.replica, self.index = engine, args, replica, index
         self.count = count or (lambda reason: None)
@@ -194,6 +197,7 @@ class ReusePath:
         self.counters = {"hot_hits": 0, "cold_hits": 0, "registered": 0, "register_errors": 0,
                          "not_registered_depth": 0, "refreshed_exact": 0}
         self.register_ms: list[float] = []  # recent registration times (bounded)
+        self._bad_uids: OrderedDict[str, None] = OrderedDict()  # versions reported bad: never admitted hot
 
     # background tasks ------------------------------------------------------------
     def spawn(self, coro) -> asyncio.Task:
@@ -233,6 +237,9 @@ class ReusePath:
 
     async def report_bad(self, ref: Reference, reason: str) -> None:
         """Drop a bad entry everywhere: here (hot tier) and in the index (counted there)."""
+        self._bad_uids[ref.uid] = None  # an admission still copying it must not bring it back
+        while len(self._bad_uids) > self.MAX_BAD_UIDS:
+            self._bad_uids.popitem(last=False)
         self.hot.drop_key(ref.key)
         try:
             if reason == "lost":
@@ -319,8 +326,15 @@ class ReusePath:
             logger.info("hot-tier admission of %s failed: %s: %s", ref.key, type(e).__name__, e)
 
     def _admitted(self, ref: Reference, own, kv: torch.Tensor) -> None:
-        """Worker thread: keep ``own`` (private host arrays) and ``kv`` hot; tell the index."""
-        if self._keep_hot(ref.key, ref.uid, own, kv, ref.depth, ref.exact) and self._loop is not None:
+        """Worker thread: keep ``own`` (private host arrays) and ``kv`` hot; tell the index.
+        Not if the version was reported bad meanwhile (checked after the insert: whichever
+        runs first, :meth:`report_bad`'s drop or this check removes it)."""
+        if not self._keep_hot(ref.key, ref.uid, own, kv, ref.depth, ref.exact):
+            return
+        if ref.uid in self._bad_uids:
+            self.hot.drop(ref.uid)
+            return
+        if self._loop is not None:
             self._loop.call_soon_threadsafe(
                 lambda: self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica)))
 

@@ -251,3 +251,21 @@ def test_reference_lsh_tables_do_not_keep_the_reference_ids_alive():
     ref = np.arange(40, dtype=np.int64)
     lsh = ReferenceLSH(ref, lambda ids: torch.randn(len(ids), 8), bits=4, tables=2)
     assert np.array_equal(lsh.ids, ref) and not np.shares_memory(lsh.ids, ref)
+
+
+def test_an_admission_finishing_after_the_entry_was_reported_bad_keeps_nothing_hot(engine):
+    """The hot-tier copy of a cold fetch is made in a worker thread; if the engine rejected
+    the entry meanwhile (reported bad, dropped everywhere), the late copy is not kept."""
+    import asyncio
+
+    from serve_app.protocol import Reference
+    from serve_app.reuse import ReusePath
+    from serve_app.settings import resolve_args
+
+    ids = engine.encode(corpus_text()[9000:9300])
+    fetched = _fetched(engine.export_kv(engine.prefill(ids)))
+    path = ReusePath(engine, resolve_args({"preset": "tiny-random", "hot_tier_bytes": 1 << 24}), "r1", index=None)
+    ref = Reference("t:bad", "uid-bad", 0.9, int(ids.size))
+    asyncio.run(path.report_bad(ref, "corrupt"))  # the index is unreachable here: logged, not raised
+    path._admit_host(ref, fetched)
+    assert "uid-bad" not in path.hot and len(path.hot) == 0
