@@ -190,7 +190,10 @@ class ReferenceLSH:
     """
 
     def __init__(self, ref_ids: np.ndarray, embed, bits: int, tables: int, seed: int = 0):
-        self.ids = np.asarray(ref_ids, dtype=np.int64).reshape(-1)
+        # a copy: engines cache these tables across requests, and ``ref_ids`` may be a
+        # zero-copy view into shared memory (a reference fetched from Ray's object store)
+        # that must not stay pinned for as long as the cache holds the tables
+        self.ids = np.array(ref_ids, dtype=np.int64).reshape(-1)
         self.embed = embed
         m = self.ids.size
         keys = positional_embeddings(embed(self.ids), torch.arange(m))

@@ -177,6 +177,7 @@ class Scheduler:
                          "decoded_tokens": 0, "prefill_tokens": 0, "reuse_retries": 0}
         self._thread: Optional[threading.Thread] = None
         self._stop = False
+        self._reset_done: Optional[threading.Event] = None  # set: the engine thread resets the stats
 
     # any thread ------------------------------------------------------------------
     def reservation(self, n_prompt: int, max_new_tokens: int) -> int:
@@ -213,6 +214,34 @@ class Scheduler:
                 "waiting": len(self.waiting) + len(self._inbox), "reserved_bytes": self.reserved_bytes,
                 "kv_bytes": self.kv_bytes(), "kv_budget_bytes": self.config.kv_budget_bytes}
 
+    def reset_stats(self, timeout: float = 10.0) -> None:
+        """Zero the counters and forget the step history (e.g. after a warm-up, so that
+        metrics count real traffic only). Only while idle: raises if any request is queued,
+        prefilling or running. With the engine thread started, the reset is done by it
+        between two steps (a request's last event leaves before its step is counted)."""
+        done = threading.Event()
+        with self._lock:
+            if self._inbox or self.has_work():
+                raise RuntimeError("reset_stats while requests are in the scheduler")
+            if self._thread is None:
+                self._clear_stats()
+                return
+            self._reset_done = done
+            self._lock.notify()
+        if not done.wait(timeout):
+            raise TimeoutError(f"the engine thread did not reset its stats within {timeout:g}s")
+
+    def _clear_stats(self) -> None:
+        self.counters = dict.fromkeys(self.counters, 0)
+        self.history.clear()
+
+    def _reset_if_asked(self) -> None:
+        """Engine thread, holding the lock, between steps: a reset asked by :meth:`reset_stats`."""
+        if self._reset_done is not None:
+            self._clear_stats()
+            self._reset_done.set()
+            self._reset_done = None
+
     def kv_bytes(self) -> int:
         """Bytes of KV the admitted requests hold now (decode buffers + prompt KV not yet released)."""
         total = 0
@@ -242,8 +271,10 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._lock:
+                    self._reset_if_asked()
                     while not self._stop and not self._inbox and not self._cancels and not self.has_work():
                         self._lock.wait()
+                        self._reset_if_asked()
                     if self._stop:
                         break
                 try:

@@ -10,6 +10,11 @@ On the CPU the tensor is a view of the packed array (no second copy); on an
 accelerator it is a device copy (the host array is kept too: the engine reads token
 ids, logits and shapes from it, and it is what a replica would re-register).
 
+The host arrays are always this process's own memory, never views into the object
+store (:func:`private_copy`): a hot copy never keeps an index entry's object alive after
+the index dropped it, so the object store holds at most ``index_max_bytes`` of entries
+(plus what requests in flight still read).
+
 Keys are entry *versions* (``uid``), not index keys: an entry overwritten under the
 same key, or damaged at rest, gets a new uid, so a stale hot copy is never used.
 """
@@ -20,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from semshare_core import PackedKV
@@ -69,6 +75,25 @@ def hot_bytes_for(total: int, num_gpus: float, weights_bytes: int, kv_budget_byt
 def device_kv(packed: PackedKV, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``packed``'s KV on ``device`` (a view on the CPU when the dtype matches)."""
     return packed.to_torch(device, dtype)
+
+
+def private_copy(packed: PackedKV) -> PackedKV:
+    """``packed`` with its arrays (``data`` ``[L, 2, H, n, D]``, ``token_ids`` ``[n]``,
+    ``last_logits`` ``[vocab]``) copied into this process's own memory.
+
+    A PackedKV from ``ray.get`` holds zero-copy, read-only views into the object store;
+    while any of them lives, the whole object stays pinned there, whatever the index did
+    with its entry. Whatever outlives a request (the hot tier) keeps this copy instead."""
+    logits = None if packed.last_logits is None else np.array(packed.last_logits, copy=True)
+    return PackedKV(np.array(packed.data, copy=True), packed.dtype, np.array(packed.token_ids, copy=True),
+                    packed.signature, logits, bool(getattr(packed, "exact", True)))
+
+
+def entry_bytes(packed: PackedKV, kv: torch.Tensor) -> int:
+    """Bytes a hot entry holds: the host arrays, plus ``kv`` unless it is a view of them
+    (on the CPU when the engine's dtype is the packed one)."""
+    shared = kv.device.type == "cpu" and kv.data_ptr() == packed.data.ctypes.data
+    return int(packed.nbytes + (0 if shared else kv.numel() * kv.element_size()))
 
 
 class HotTier:
@@ -127,10 +152,11 @@ class HotTier:
                 self.counters["dropped"] += 1
             return e
 
-    def drop_key(self, key: str) -> list[HotEntry]:
-        """Drop every version of index key ``key`` (a bad entry)."""
+    def drop_key(self, key: str, keep: Optional[str] = None) -> list[HotEntry]:
+        """Drop every version of index key ``key`` (a bad entry), but ``keep`` (a uid: the
+        current version, when the others are stale)."""
         with self._lock:
-            uids = [u for u, e in self._entries.items() if e.key == key]
+            uids = [u for u, e in self._entries.items() if e.key == key and u != keep]
         return [e for e in (self.drop(u) for u in uids) if e is not None]
 
     @property

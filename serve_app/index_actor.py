@@ -142,6 +142,7 @@ class KVIndex:
         """The index half of :meth:`register`, once the object is in the store (``ref``, owned here): fast."""
         old = self.index.get(key)
         evicted = self.index.add(key, vector, token_ids, nbytes, ref, tenant=tenant)
+        evicted_uids = [self.meta[e.key].uid for e in evicted if e.key in self.meta]
         self._forget(evicted)
         if old is not None:
             self.meta.pop(key, None)
@@ -150,7 +151,8 @@ class KVIndex:
         self.meta[key] = EntryMeta(uid, int(depth), exact, hot)
         self.counters["registered"] += 1
         return {"key": key, "stored": True, "nbytes": nbytes, "evicted": [e.key for e in evicted],
-                "index_bytes": self.index.nbytes, "uid": uid, "depth": int(depth), "exact": exact}
+                "evicted_uids": evicted_uids, "index_bytes": self.index.nbytes, "uid": uid, "depth": int(depth),
+                "exact": exact}
 
     def _meta(self, key: str) -> EntryMeta:
         m = self.meta.get(key)

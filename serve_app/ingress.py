@@ -579,7 +579,11 @@ class Ingress:
 
     async def _model_ready(self):
         """True, or why not: Serve's controller view of the model deployment (it health-checks
-        every replica with ``check_health``), so a busy replica still counts as ready."""
+        every replica with ``check_health``), so a busy replica still counts as ready.
+
+        A replica warming up (``warmup``) is not counted: it warms up inside its
+        constructor, and Serve marks a replica RUNNING (and routes requests to it) only
+        once ``initialize_and_get_metadata``, which runs the constructor, has returned."""
         try:
             ctx = serve.get_replica_context()
             name = getattr(self.llm, "deployment_name", None) or "SemShareServer"

@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import torch
 from ray import serve
@@ -52,6 +52,7 @@ from .protocol import (KEY_RE, MIN_TEMPERATURE, TENANT_RE, ClientError, ReplicaR
                        error_event, internal_key, public_key, token_event)
 from .reuse import IndexClient, ReusePath, index_namespace, signature_digest
 from .settings import AppArgs, load_model
+from .warmup import WarmupReport, warm_up
 
 logger = logging.getLogger("ray.serve")
 
@@ -117,6 +118,9 @@ class SemShareServer:
         self.reuse = ReusePath(self.engine, self.args, self.replica, self.index, self._fallback)
         self.scheduler = Scheduler(self.engine, self.args.scheduler_config(self.engine.device))
         self.scheduler.start()
+        # before the constructor returns: Serve neither routes to the replica nor counts it
+        # RUNNING (what the ingress's /ready checks) until then
+        self.warmup: Optional[WarmupReport] = self._warm_up() if self.args.warmup else None
         self._metrics_task = None
         self.m_requests = metrics.Counter("semshare_requests", description="generation requests",
                                           tag_keys=("outcome",))
@@ -143,6 +147,19 @@ class SemShareServer:
         self.m_hot_bytes = metrics.Gauge("semshare_hot_tier_bytes", description="replica-local hot KV bytes")
         logger.info("SemShareServer %s loaded %s in %.1fs (hot tier %d bytes)", self.replica, self.model_name,
                     self.load_s, self.reuse.hot.max_bytes)
+
+    def _warm_up(self) -> WarmupReport:
+        """The engine's first-call costs, paid now (:mod:`serve_app.warmup`); a failure of the
+        full prefill or decode stops the replica from starting (it could serve nothing)."""
+        try:
+            rep = warm_up(self.engine, self.scheduler)
+        except Exception:
+            self.scheduler.stop()
+            raise
+        logger.info("SemShareServer %s warmed up in %.0f ms: full prefill of %d tokens, %d decode steps, hit "
+                    "path %s", self.replica, rep.ms, rep.prompt_tokens, rep.decode_steps,
+                    f"ran ({rep.staging})" if rep.hit else f"did not run ({rep.hit_error or 'no hit'})")
+        return rep
 
     def _fallback(self, reason: str) -> str:
         self.counters[reason] = self.counters.get(reason, 0) + 1
@@ -255,7 +272,7 @@ class SemShareServer:
         if sreq.reuse_error is not None and ready is not None:
             fallback, ready = self.reuse.reuse_failed(ready, sreq.reuse_error), None
         for rd in readies:
-            rd.ref.refs.clear()  # stop borrowing the objects as soon as the prefill is done
+            rd.release()  # stop borrowing the objects (and reading them in place) once prefilled
         stats = pre.stats
         hit = bool(stats.hit) and ready is not None
         per_source, src_depth = None, ref.depth if ref is not None else 0
@@ -466,7 +483,8 @@ class SemShareServer:
         return {"replica": self.replica, "replica_actor_name": self.replica_actor_name, "model": self.model_name,
                 "load_s": round(self.load_s, 3), "counters": dict(self.counters), "reuse": self.reuse.stats(),
                 "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict(),
-                "scheduler": self.scheduler.stats()}
+                "scheduler": self.scheduler.stats(),
+                "warmup": self.warmup.as_dict() if self.warmup is not None else {"ran": False}}
 
     def record_routing_stats(self) -> dict:
         """Shipped to routers (``replica.routing_stats``): the hot tier's fill."""

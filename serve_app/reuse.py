@@ -9,8 +9,11 @@
   - **hot**: the replica-local tier (:mod:`serve_app.hot_tier`) holds it, converted
     and on the engine device: no object-store get, no validation, no conversion;
   - **cold**: ``await ref`` (object store, zero-copy on the same node), check it
-    (:func:`serve_app.kvcheck.load_reference`), convert it to the device and keep it
-    hot (the index learns this replica holds it: the router will prefer it).
+    (:func:`serve_app.kvcheck.load_reference`); the request reads it in place and drops
+    its views once prefilled (:meth:`Ready.release`), while a worker thread copies it
+    into the replica's own memory (and to the device) for the hot tier (the index learns
+    this replica holds it: the router will prefer it). Nothing long-lived holds a view
+    into the object store, so an entry the index evicts leaves the store.
 
   A lost / corrupt / foreign object is a full prefill, and the entry is reported to the
   index (dropped there, and from the hot tier), so later requests stop fetching it. An
@@ -39,6 +42,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,7 +53,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from semshare_core import KVFormatError, KVMismatchError
 from semshare_core.staging import HostStaging
 
-from .hot_tier import HotEntry, HotTier, default_hot_bytes, device_kv
+from .hot_tier import HotEntry, HotTier, default_hot_bytes, device_kv, entry_bytes, private_copy
 from .index_actor import get_or_create_index_actor
 from .kvcheck import load_reference
 from .protocol import Reference
@@ -164,9 +168,17 @@ class Ready:
     check_ms: float = 0.0     # validation
     convert_ms: float = 0.0   # to the device
 
+    def release(self) -> None:
+        """Once prefilled: stop borrowing the object (its ObjectRef) and drop ``packed`` /
+        ``kv`` (cold: zero-copy views into the object store, which they keep pinned)."""
+        self.ref.refs.clear()
+        self.packed = self.kv = None
+
 
 class ReusePath:
     """One replica's side of reuse (see module docstring). ``count(reason)`` records fallbacks."""
+
+    MAX_BAD_UIDS = 1024  # entry versions reported bad, remembered (their admissions are refused)
 
     def __init__(self, engine, args: AppArgs, replica: str, index: IndexClient, count=None):
         self.engine, self.args, self.replica, self.index = engine, args, replica, index
@@ -185,6 +197,7 @@ class ReusePath:
         self.counters = {"hot_hits": 0, "cold_hits": 0, "registered": 0, "register_errors": 0,
                          "not_registered_depth": 0, "refreshed_exact": 0}
         self.register_ms: list[float] = []  # recent registration times (bounded)
+        self._bad_uids: OrderedDict[str, None] = OrderedDict()  # versions reported bad: never admitted hot
 
     # background tasks ------------------------------------------------------------
     def spawn(self, coro) -> asyncio.Task:
@@ -224,6 +237,9 @@ class ReusePath:
 
     async def report_bad(self, ref: Reference, reason: str) -> None:
         """Drop a bad entry everywhere: here (hot tier) and in the index (counted there)."""
+        self._bad_uids[ref.uid] = None  # an admission still copying it must not bring it back
+        while len(self._bad_uids) > self.MAX_BAD_UIDS:
+            self._bad_uids.popitem(last=False)
         self.hot.drop_key(ref.key)
         try:
             if reason == "lost":
@@ -240,6 +256,9 @@ class ReusePath:
         if e is not None:
             self.counters["hot_hits"] += 1
             return Ready(ref, e.packed, e.kv, "hot"), None
+        # the index's version of the key is ref.uid: any other version held here is stale
+        # (the entry was evicted or removed, then registered again)
+        self.hot.drop_key(ref.key, keep=ref.uid)
         if not ref.refs:
             return None, self.count("lost_objects")
         t0 = time.perf_counter()
@@ -271,38 +290,57 @@ class ReusePath:
             del obj
         t2 = time.perf_counter()
         self.counters["cold_hits"] += 1
+        # the request reads the fetched object in place (zero-copy: Ready.release drops it once
+        # prefilled); the hot tier gets a private copy, made off the request's path
         if self.engine.device.type != "cpu":
             # on an accelerator the engine stages just the rows it needs, per layer, through
             # pinned buffers overlapped with compute (host_staging); the whole entry goes to
-            # the hot tier afterwards, through a reusable pinned buffer, off the request's path
+            # the hot tier afterwards, through a reusable pinned buffer
             self.spawn(asyncio.to_thread(self._admit_pinned, ref, packed))
             return Ready(ref, packed, None, "cold", (t1 - t0) * 1e3, (t2 - t1) * 1e3, 0.0), None
         kv = device_kv(packed, self.engine.device, self.engine.dtype)  # a view on the CPU
         t3 = time.perf_counter()
-        ready = Ready(ref, packed, kv, "cold", (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
-        if self._keep_hot(ref.key, ref.uid, packed, kv, ref.depth, ref.exact):
-            self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica))
-        return ready, None
+        self.spawn(asyncio.to_thread(self._admit_host, ref, packed))
+        return Ready(ref, packed, kv, "cold", (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3), None
+
+    def _admit_host(self, ref: Reference, packed) -> None:
+        """CPU: copy a cold-fetched entry out of the object store into this process's memory
+        and keep it hot (worker thread; the index learns this replica holds it)."""
+        try:
+            own = private_copy(packed)
+            self._admitted(ref, own, device_kv(own, self.engine.device, self.engine.dtype))
+        except Exception as e:  # noqa: BLE001 - the hot tier is an optimisation
+            logger.info("hot-tier admission of %s failed: %s: %s", ref.key, type(e).__name__, e)
 
     def _admit_pinned(self, ref: Reference, packed) -> None:
-        """Copy a cold-fetched entry to the device through the reusable pinned buffer and keep
-        it hot (worker thread; the index learns this replica holds it)."""
+        """Accelerator: copy a cold-fetched entry to the device through the reusable pinned
+        buffer, and its host arrays out of the object store, and keep it hot (worker thread;
+        the index learns this replica holds it)."""
         try:
             src = packed.to_torch("cpu")
             idx = torch.arange(src.shape[3])
             with self._pinned_lock:
                 kv = self.pinned.gather(src, 3, idx).to(dtype=self.engine.dtype)
-            if self._keep_hot(ref.key, ref.uid, packed, kv, ref.depth, ref.exact) and self._loop is not None:
-                self._loop.call_soon_threadsafe(
-                    lambda: self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica)))
+            self._admitted(ref, private_copy(packed), kv)
         except Exception as e:  # noqa: BLE001 - the hot tier is an optimisation
             logger.info("hot-tier admission of %s failed: %s: %s", ref.key, type(e).__name__, e)
 
+    def _admitted(self, ref: Reference, own, kv: torch.Tensor) -> None:
+        """Worker thread: keep ``own`` (private host arrays) and ``kv`` hot; tell the index.
+        Not if the version was reported bad meanwhile (checked after the insert: whichever
+        runs first, :meth:`report_bad`'s drop or this check removes it)."""
+        if not self._keep_hot(ref.key, ref.uid, own, kv, ref.depth, ref.exact):
+            return
+        if ref.uid in self._bad_uids:
+            self.hot.drop(ref.uid)
+            return
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                lambda: self.spawn(self._call_quiet("add_hot", ref.key, ref.uid, self.replica)))
+
     def _keep_hot(self, key: str, uid: str, packed, kv: torch.Tensor, depth: int, exact: bool) -> bool:
-        # on the CPU the device tensor is a view of the host copy; on an accelerator the entry
-        # holds both (the host copy feeds exports and the layered staging): count both
-        nbytes = packed.nbytes if kv.device.type == "cpu" else kv.numel() * kv.element_size() + packed.nbytes
-        return self.hot.put(HotEntry(uid, key, packed, kv, int(nbytes), int(depth), bool(exact)))
+        """``packed`` must be this process's memory (an export, or :func:`private_copy`)."""
+        return self.hot.put(HotEntry(uid, key, packed, kv, entry_bytes(packed, kv), int(depth), bool(exact)))
 
     # failures ------------------------------------------------------------------------
     def reuse_failed(self, ready: Ready, e: BaseException) -> str:
@@ -355,6 +393,8 @@ class ReusePath:
             self.register_ms = (self.register_ms + [ms])[-256:]
             if out.get("stored"):
                 self.counters["registered"] += 1
+                for old in out.get("evicted_uids", ()):  # evicted to make room: never looked up again
+                    self.hot.drop(old)
             else:
                 self.hot.drop(uid)
                 logger.info("entry %s not stored: %s", key, out.get("reason"))

@@ -81,6 +81,10 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1, description="per model replica: requests Serve lets in "
                                       "(running + waiting in the replica's scheduler); >= max_running")
     max_queued_requests: int = Field(64, ge=-1, description="per handle; beyond it requests get 503 + Retry-After")
+    warmup: bool = Field(True, description="each model replica, before Serve counts it running (and /ready "
+                         "can say 200): a full prefill of a short fixed prompt, two batched decode steps and a "
+                         "hit on that prompt's own KV, through its scheduler (serve_app/warmup.py; nothing "
+                         "registered, nothing kept hot, scheduler counters reset)")
     # continuous batching (semshare_core/scheduler.py): one engine thread per replica
     max_running: Optional[int] = Field(None, ge=1, le=1024, description="requests prefilling or decoding at "
                                        "once per replica (the decode batch size at most); None: "

@@ -161,3 +161,111 @@ def test_affinity_prefers_the_holder_of_the_best_source():
     assert req.hot_replicas == ["r2"]
     assert ReplicaRequest("t", Sampling(4, 0.0, 1.0), reference=ref("a", 10, ["r1", "r3"])).hot_replicas == ["r1", "r3"]
     assert ReplicaRequest("t", Sampling(4, 0.0, 1.0)).hot_replicas == []
+
+
+def _fetched(packed):
+    """``packed`` as ``ray.get`` hands it over: read-only arrays that are views of a buffer
+    this process does not own (the object store), not copies."""
+    from semshare_core import PackedKV
+
+    def view(a):
+        v = np.frombuffer(memoryview(np.ascontiguousarray(a)).toreadonly(), dtype=a.dtype).reshape(a.shape)
+        assert not v.flags.writeable and not v.flags.owndata
+        return v
+
+    return PackedKV(view(packed.data), packed.dtype, view(packed.token_ids), packed.signature,
+                    view(packed.last_logits), packed.exact)
+
+
+def test_a_cold_hit_on_the_cpu_keeps_a_private_copy_hot_and_releases_the_fetched_object(engine):
+    """The request reads the fetched object in place; the hot tier gets a copy in the
+    replica's own memory (so the object store can free the object once the index drops its
+    entry), and the request's views go when it has prefilled. A cold fetch of a key's new
+    version drops the stale version held hot."""
+    import asyncio
+
+    from serve_app.hot_tier import HotEntry
+    from serve_app.protocol import Reference
+    from serve_app.reuse import ReusePath
+    from serve_app.settings import resolve_args
+
+    ids = engine.encode(corpus_text()[6000:6600])
+    fetched = _fetched(engine.export_kv(engine.prefill(ids)))
+    path = ReusePath(engine, resolve_args({"preset": "tiny-random", "hot_tier_bytes": 1 << 24}), "r1", index=None)
+    stale = engine.export_kv(engine.prefill(ids[:20]))
+    path.hot.put(HotEntry("uid0", "t:k", stale, stale.to_torch(), stale.nbytes, 0, True))
+
+    async def go():
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(fetched)
+        ref = Reference("t:k", "uid1", 0.9, int(ids.size), refs=[fut])
+        ready, fb = await path.acquire(ref)
+        await asyncio.gather(*path.pending)
+        return ready, fb
+
+    ready, fb = asyncio.run(go())
+    assert fb is None and ready.tier == "cold" and ready.packed is fetched
+    assert "uid0" not in path.hot and len(path.hot) == 1  # the stale version went
+    hot = path.hot.get("uid1")
+    for name in ("data", "token_ids", "last_logits"):
+        own, src = getattr(hot.packed, name), getattr(fetched, name)
+        assert np.array_equal(own, src) and not np.shares_memory(own, src), name
+    assert hot.kv.data_ptr() == hot.packed.data.ctypes.data  # the CPU tensor is a view of the copy
+    assert hot.nbytes == fetched.nbytes == path.hot.nbytes
+    ready.release()
+    assert ready.packed is None and ready.kv is None and ready.ref.refs == []
+
+
+def test_registration_drops_the_versions_it_evicted_from_the_hot_tier(engine):
+    """The index answers a registration with the versions it evicted to make room: the
+    registering replica drops its hot copies of them at once."""
+    import asyncio
+
+    from serve_app.hot_tier import HotEntry
+    from serve_app.reuse import ReusePath
+    from serve_app.settings import resolve_args
+
+    class Index:
+        async def call(self, method, *args, **kw):
+            assert method == "register"
+            return {"stored": True, "key": args[0], "evicted": ["t:old"], "evicted_uids": ["uid-old"]}
+
+    path = ReusePath(engine, resolve_args({"preset": "tiny-random", "hot_tier_bytes": 1 << 24}), "r1", Index())
+    old = engine.export_kv(engine.prefill(engine.encode(corpus_text()[7000:7300])))
+    path.hot.put(HotEntry("uid-old", "t:old", old, old.to_torch(), old.nbytes, 0, True))
+    ids = engine.encode(corpus_text()[8000:8300])
+
+    async def go():
+        export = path.start_export(engine.prefill(ids))
+        return await path.register("t:new", engine.fingerprint(ids), ids, "t", 0, export)
+
+    out = asyncio.run(go())
+    assert out["stored"] and "uid-old" not in path.hot and len(path.hot) == 1
+
+
+def test_reference_lsh_tables_do_not_keep_the_reference_ids_alive():
+    """The engine caches LSH tables across requests: they hold a copy of the reference's
+    token ids, never the (possibly object-store) array they were built from."""
+    from semshare_core.matching import ReferenceLSH
+
+    ref = np.arange(40, dtype=np.int64)
+    lsh = ReferenceLSH(ref, lambda ids: torch.randn(len(ids), 8), bits=4, tables=2)
+    assert np.array_equal(lsh.ids, ref) and not np.shares_memory(lsh.ids, ref)
+
+
+def test_an_admission_finishing_after_the_entry_was_reported_bad_keeps_nothing_hot(engine):
+    """The hot-tier copy of a cold fetch is made in a worker thread; if the engine rejected
+    the entry meanwhile (reported bad, dropped everywhere), the late copy is not kept."""
+    import asyncio
+
+    from serve_app.protocol import Reference
+    from serve_app.reuse import ReusePath
+    from serve_app.settings import resolve_args
+
+    ids = engine.encode(corpus_text()[9000:9300])
+    fetched = _fetched(engine.export_kv(engine.prefill(ids)))
+    path = ReusePath(engine, resolve_args({"preset": "tiny-random", "hot_tier_bytes": 1 << 24}), "r1", index=None)
+    ref = Reference("t:bad", "uid-bad", 0.9, int(ids.size))
+    asyncio.run(path.report_bad(ref, "corrupt"))  # the index is unreachable here: logged, not raised
+    path._admit_host(ref, fetched)
+    assert "uid-bad" not in path.hot and len(path.hot) == 0
