@@ -115,10 +115,8 @@ def test_cold_hit_on_an_accelerator_leaves_staging_to_the_engine(engine, monkeyp
     """On a non-CPU device a cold fetch hands the host PackedKV to the engine (no whole
     pageable copy before the prefill: the engine stages rows per layer through pinned
     buffers), and the hot-tier admission goes through the reusable pinned buffer, later."""
-    import asyncio
     import types
 
-    from serve_app.protocol import Reference
     from serve_app.reuse import ReusePath
     from serve_app.settings import resolve_args
 
@@ -131,15 +129,7 @@ def test_cold_hit_on_an_accelerator_leaves_staging_to_the_engine(engine, monkeyp
     copies = []
     monkeypatch.setattr("serve_app.reuse.device_kv", lambda *a, **k: copies.append(a))
 
-    async def go():
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(packed)
-        ref = Reference("t:k", "uid1", 0.9, int(ids.size), refs=[fut])
-        ready, fb = await path.acquire(ref)
-        await asyncio.gather(*path.pending)
-        return ready, fb
-
-    ready, fb = asyncio.run(go())
+    ready, fb = _cold_acquire(path, packed, int(ids.size))
     assert fb is None and ready.tier == "cold" and ready.kv is None and ready.packed is packed
     assert copies == [] and admitted == [("t:k", packed)]
 
@@ -182,10 +172,7 @@ def test_a_cold_hit_on_the_cpu_keeps_a_private_copy_hot_and_releases_the_fetched
     replica's own memory (so the object store can free the object once the index drops its
     entry), and the request's views go when it has prefilled. A cold fetch of a key's new
     version drops the stale version held hot."""
-    import asyncio
-
     from serve_app.hot_tier import HotEntry
-    from serve_app.protocol import Reference
     from serve_app.reuse import ReusePath
     from serve_app.settings import resolve_args
 
@@ -195,15 +182,7 @@ def test_a_cold_hit_on_the_cpu_keeps_a_private_copy_hot_and_releases_the_fetched
     stale = engine.export_kv(engine.prefill(ids[:20]))
     path.hot.put(HotEntry("uid0", "t:k", stale, stale.to_torch(), stale.nbytes, 0, True))
 
-    async def go():
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(fetched)
-        ref = Reference("t:k", "uid1", 0.9, int(ids.size), refs=[fut])
-        ready, fb = await path.acquire(ref)
-        await asyncio.gather(*path.pending)
-        return ready, fb
-
-    ready, fb = asyncio.run(go())
+    ready, fb = _cold_acquire(path, fetched, int(ids.size))
     assert fb is None and ready.tier == "cold" and ready.packed is fetched
     assert "uid0" not in path.hot and len(path.hot) == 1  # the stale version went
     hot = path.hot.get("uid1")
@@ -269,3 +248,20 @@ def test_an_admission_finishing_after_the_entry_was_reported_bad_keeps_nothing_h
     asyncio.run(path.report_bad(ref, "corrupt"))  # the index is unreachable here: logged, not raised
     path._admit_host(ref, fetched)
     assert "uid-bad" not in path.hot and len(path.hot) == 0
+
+
+def _cold_acquire(path, packed, n: int, key: str = "t:k", uid: str = "uid1"):
+    """``path.acquire`` of a cold reference whose object-store fetch yields ``packed``; waits
+    for the background work it starts (hot-tier admission). Returns ``(ready, fallback)``."""
+    import asyncio
+
+    from serve_app.protocol import Reference
+
+    async def go():
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(packed)
+        ready, fb = await path.acquire(Reference(key, uid, 0.9, n, refs=[fut]))
+        await asyncio.gather(*path.pending)
+        return ready, fb
+
+    return asyncio.run(go())
