@@ -51,7 +51,7 @@ def test_disconnect_mid_stream_frees_the_slot_and_kv(hardened):
     """The hardened app decodes slowly (0.1 s per step): the request is still running when the client leaves."""
     from conftest import H_ADMIN
 
-    body = {"prompt": "disconnect me " + passage(70, 150), "max_tokens": 40, "temperature": 0, "stream": True,
+    body = {"prompt": "disconnect me " + passage(50, 150), "max_tokens": 40, "temperature": 0, "stream": True,
             "use_semshare": False}
     before = sum(i["scheduler"]["cancelled"] for i in _replica_infos("hardened").values())
     with httpx.Client(base_url=str(hardened.base_url), timeout=60) as c:

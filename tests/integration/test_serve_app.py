@@ -20,7 +20,9 @@ _CORPUS = corpus_text()
 def passage(i: int, chars: int = 700) -> str:
     """A distinct stretch of stdlib prose (~150-250 tiny-BPE tokens)."""
     start = 5000 + i * 9000
-    return " ".join(_CORPUS[start:start + chars].split())
+    text = " ".join(_CORPUS[start:start + chars].split())
+    assert len(text) > chars // 2, f"passage({i}) runs past the corpus ({len(_CORPUS)} chars)"
+    return text
 
 
 def edited(text: str, share: float = 0.15) -> str:
