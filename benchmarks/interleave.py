@@ -27,6 +27,7 @@ import statistics
 from pathlib import Path
 
 from . import load
+from .results_io import save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
@@ -110,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"name": name, "ours": a.ours, "peer": a.peer, "peer_label": a.peer_label, "workload": a.workload,
            "concurrency": a.concurrency, "rounds": a.rounds, "per_round": per_round,
            "summary": summarize(per_round)}
-    out = Path(a.out_dir)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-    (out / f"{name}.md").write_text(markdown(res))
-    print(markdown(res))
+    save(a.out_dir, name, res, markdown(res))
     return 0 if all(rc == 0 for rc in rcs) else 1
 
 

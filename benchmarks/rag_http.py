@@ -26,7 +26,6 @@ Writes ``benchmarks/results/<out>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -37,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from . import rag
+from .results_io import save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -211,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
            "conditions": f"client on {platform.machine()}, load average before {load0}, after "
                          f"{list(__import__('os').getloadavg())}",
            "groups": groups, "summary": summarize(rows), "rows": rows}
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{a.out}.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / f"{a.out}.md").write_text(markdown(res))
-    print(markdown(res))
+    save(a.out_dir, a.out, res, markdown(res))
     return 0
 
 

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import threading
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .results_io import save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -144,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}, "
                          f"load average {list(load0)} -> {list(os.getloadavg())}",
            "runs": runs, "summary": {str(k): v for k, v in summarize(runs).items()}}
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
-    (out / f"{a.name}.md").write_text(markdown(res))
-    print(markdown(res))
+    save(a.out_dir, a.name, res, markdown(res))
     return 0
 
 
