@@ -31,7 +31,7 @@ from .results_io import save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-WORKLOAD_KEY = {"decode": "decode", "reuse": "reuse"}
+WORKLOADS = ("decode", "reuse")  # benchmarks.load workloads with concurrency levels
 
 
 def spread(xs: list[float]) -> dict:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours", required=True, help="our server's URL (running)")
     ap.add_argument("--peer", required=True, help="the peer's URL (running, OpenAI-compatible)")
     ap.add_argument("--peer-label", default="vllm-cpu")
-    ap.add_argument("--workload", choices=sorted(WORKLOAD_KEY), default="decode")
+    ap.add_argument("--workload", choices=WORKLOADS, default="decode")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--name", default=None)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "--client-cores", a.client_cores,
                                   "--server-note", f"interleaved round {r} ({name})"]))
             data = json.loads((runs_dir / f"{stem}.json").read_text())
-            pair[side] = data["workloads"][WORKLOAD_KEY[a.workload]][str(a.concurrency)]
+            pair[side] = data["workloads"][a.workload][str(a.concurrency)]
         per_round.append(pair)
     res = {"name": name, "ours": a.ours, "peer": a.peer, "peer_label": a.peer_label, "workload": a.workload,
            "concurrency": a.concurrency, "rounds": a.rounds, "per_round": per_round,

@@ -26,6 +26,7 @@ Writes ``benchmarks/results/<out>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = rag.build(a.lengths, a.sources, a.prompts, a.facts, a.entries, a.seed, count)
     salt = f"raghttp-{int(time.time())}-{random.randrange(1 << 30)}"
-    load0 = list(__import__("os").getloadavg())
+    load0 = list(os.getloadavg())
     client = httpx.Client(timeout=a.timeout_s)
     model = (client.get(f"{a.url}/v1/models").json().get("data") or [{}])[0].get("id")
     base = {"temperature": 0.0, "cache_salt": salt}
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 groups.append({"length": L, "sources": s, "summary": summarize(g)})
     res = {"name": a.out, "url": a.url, "model": model, "seed": a.seed, "cached": len(data["cached"]),
            "conditions": f"client on {platform.machine()}, load average before {load0}, after "
-                         f"{list(__import__('os').getloadavg())}",
+                         f"{list(os.getloadavg())}",
            "groups": groups, "summary": summarize(rows), "rows": rows}
     save(a.out_dir, a.out, res, markdown(res))
     return 0

@@ -17,6 +17,7 @@ Writes ``benchmarks/results/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import threading
@@ -132,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
 
         tok = train_tiny_tokenizer(512)
         engine, label = SemShareEngine(tiny_random_model("llama", vocab_size=len(tok)), tok), "tiny random Llama fp32"
-    import os
-
     load0 = os.getloadavg()
     runs = []
     for r in range(a.rounds):

@@ -187,7 +187,7 @@ class ReusePath:
         if cap is None:
             weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) \
                 if hasattr(engine, "model") else 0
-            kv = args.scheduler_config(engine.device).kv_budget_bytes or 0 if engine.device.type != "cpu" else 0
+            kv = 0 if engine.device.type == "cpu" else (args.scheduler_config(engine.device).kv_budget_bytes or 0)
             cap = default_hot_bytes(engine.device, args.num_gpus, weights, kv)
         self.hot = HotTier(cap, on_evict=self._on_evict)
         self.pinned = HostStaging(engine.device)  # hot-tier admission on an accelerator (pinned, reused)
