@@ -25,8 +25,14 @@ setup: $(STAMP)
 # it is switched on by this variable in the environment that starts Ray
 EDGE := RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.http_edge:proxy_middlewares
 
+# Ray's control plane, quieter on a small CPU box: the Serve controller's reconcile loop
+# (default every 0.1 s) and the replicas' and routers' metric caches (default every 100 ms)
+# wake less often. Idle Ray + Serve CPU on the 2-core box: ~15 % -> ~11 % of a core
+# (benchmarks/results/serving-overhead-2026-11-30c.md). `make serve QUIET=` turns it off.
+QUIET ?= RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5 RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000
+
 serve: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(EDGE) $(BIN)/serve run serve_config.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(EDGE) $(QUIET) $(BIN)/serve run serve_config.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
