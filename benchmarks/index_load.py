@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -83,7 +82,9 @@ def run(args) -> dict:
         vecs = [_unit(rng, dim) for _ in range(32)]
         ray.get([actor.register.remote(f"bench:seed{i}", v, small.token_ids, small, "bench")
                  for i, v in enumerate(vecs)])
-        kv_refs = [ray.put(random_packed(args.tokens, c)) for c in range(args.clients)]
+        packs = [random_packed(args.tokens, c) for c in range(args.clients)]
+        kv_refs, kv_nbytes = [ray.put(p) for p in packs], [p.nbytes for p in packs]
+        del packs
         kv_ids = [random_packed(8, c).token_ids for c in range(args.clients)]
         nbytes = 30 * 2 * 3 * args.tokens * 64 * 2
 
@@ -104,13 +105,25 @@ def run(args) -> dict:
         stop = threading.Event()
         reg_ms: list[float] = []
 
+        owner = None
+        if args.via == "owner":  # serving's default: the node's KV owner puts, the index gets the ref
+            from serve_app.kv_owner import get_or_create_kv_owner
+
+            owner = get_or_create_kv_owner("bench-index", ray.get_runtime_context().namespace,
+                                           ray.get_runtime_context().get_node_id())
+            ray.get(owner.node_id.remote())
+
         def client(c: int) -> None:
             crng = np.random.default_rng(100 + c)
             k = 0
             while not stop.is_set():
                 t0 = time.perf_counter()
-                ray.get(actor.register.remote(f"bench:c{c}-{k % 8}", _unit(crng, dim), kv_ids[c], kv_refs[c],
-                                              "bench"))
+                key, vec = f"bench:c{c}-{k % 8}", _unit(crng, dim)
+                if owner is None:
+                    ray.get(actor.register.remote(key, vec, kv_ids[c], kv_refs[c], "bench"))
+                else:
+                    refs = ray.get(owner.put.remote(kv_refs[c]))
+                    ray.get(actor.register_ref.remote(key, vec, kv_ids[c], refs, kv_nbytes[c], True, "bench"))
                 reg_ms.append((time.perf_counter() - t0) * 1e3)
                 k += 1
                 if args.register_interval_ms:
@@ -129,7 +142,7 @@ def run(args) -> dict:
         stats = ray.get(actor.stats.remote())
         return {
             "label": args.label, "clients": args.clients, "tokens": args.tokens,
-            "register_interval_ms": args.register_interval_ms, "actor": args.actor,
+            "register_interval_ms": args.register_interval_ms, "actor": args.actor, "via": args.via,
             "put_threads": args.put_threads,
             "kv_mb_per_registration": round(nbytes / 2**20, 1), "duration_s": round(wall, 1),
             "interval_ms": args.interval_ms, "timeout_s": args.timeout_s,
@@ -178,6 +191,9 @@ def main(argv=None) -> None:
     p.add_argument("--label", required=True)
     p.add_argument("--actor", choices=["async", "sync"], default="async",
                    help="async: serve_app's IndexActor; sync: the previous one-call-at-a-time actor")
+    p.add_argument("--via", choices=["index", "owner"], default="index",
+                   help="index: the index actor puts each KV (register); owner: a KVOwner actor puts it and the "
+                        "index gets the ref (register_ref, serving's default since kv_owner_per_node)")
     p.add_argument("--put-threads", type=int, default=None, help="async actor: concurrent ray.put copies")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--tokens", type=int, default=2048)

@@ -1,9 +1,11 @@
-"""`IndexActor`: the one shared semantic index, and the owner of every cached KV object.
+"""`IndexActor`: the one shared semantic index, holding a ref to every cached KV object.
 
-A named, detached Ray actor wrapping :class:`semshare_core.SemanticIndex`. Replicas
-hand it the prompt's :class:`~semshare_core.PackedKV` in ``register``; the actor
-``ray.put``s it itself, so the object's owner is the actor, not the replica (an object
-put by a replica dies with that replica: ``OwnerDiedError``). Entry payloads are the
+A named, detached Ray actor wrapping :class:`semshare_core.SemanticIndex`. By default a
+replica's KV is put by the :class:`~serve_app.kv_owner.KVOwner` of the replica's node and
+only its ref reaches the index (``register_ref``: no copy here). ``register`` is the
+fallback: the replica hands the :class:`~semshare_core.PackedKV` itself, and the actor
+``ray.put``s it, so the object's owner is the actor, not the replica (an object put by a
+replica dies with that replica: ``OwnerDiedError``). Entry payloads are the
 ``ObjectRef``s; eviction / removal drops the ref and the object store frees the bytes
 once no borrower holds it.
 
@@ -24,8 +26,9 @@ The actor is asynchronous (:class:`AsyncKVIndex`): lookups run on its event loop
 registrations copy their KV into the object store in a worker thread.
 
 The actor restarts forever (``max_restarts=-1``) but comes back EMPTY. A restart loses:
-every entry and its KV object (the actor owned them: refs handed out before the restart
-raise ``OwnerDiedError`` and count as ``lost_objects``, a full prefill), the hot-holder
+every entry and so its KV object (a KV owner frees it once no reader holds the ref; one
+the actor put itself dies with it: refs handed out before the restart raise
+``OwnerDiedError`` and count as ``lost_objects``, a full prefill), the hot-holder
 lists (replicas' hot copies are keyed by entry ``uid``s the new actor never issued: they
 age out of the hot tiers unused), the dead-replica list, and every counter and per-tenant
 stat (``uptime_s`` restarts). Calls in flight are retried (``max_task_retries``) or time
@@ -124,11 +127,27 @@ class KVIndex:
         del packed
         return self.commit_register(key, vector, token_ids, ref, nbytes, exact, tenant, depth, hot_replica, uid)
 
+    def register_ref(self, key: str, vector: np.ndarray, token_ids: np.ndarray, refs: list, nbytes: int,
+                     exact: bool, tenant: str = "default", depth: int = 0, hot_replica: Optional[str] = None,
+                     uid: Optional[str] = None) -> dict:
+        """Index an object that is already in the store, owned by the registering node's
+        :class:`~serve_app.kv_owner.KVOwner` (``refs = [ref]``, ``nbytes`` its packed size):
+        no copy here, so it is fast and runs beside lookups. The same caps as :meth:`register`."""
+        if not (isinstance(refs, list) and len(refs) == 1 and isinstance(refs[0], ray.ObjectRef)):
+            raise TypeError("register_ref expects [ObjectRef]")
+        refused = self._refuse_size(key, int(nbytes))
+        if refused is not None:
+            return refused
+        return self.commit_register(key, vector, token_ids, refs[0], int(nbytes), bool(exact), tenant, depth,
+                                    hot_replica, uid)
+
     def check_register(self, key: str, packed: PackedKV) -> Optional[dict]:
         """The refusal :meth:`register` returns for ``packed`` (counted), or None if it may be stored."""
         if not isinstance(packed, PackedKV):
             raise TypeError(f"register expects a PackedKV, got {type(packed).__name__}")
-        nbytes = packed.nbytes
+        return self._refuse_size(key, packed.nbytes)
+
+    def _refuse_size(self, key: str, nbytes: int) -> Optional[dict]:
         if nbytes > self.index.max_bytes or (self.index.tenant_max_bytes is not None
                                              and nbytes > self.index.tenant_max_bytes):
             self.counters["rejected"] += 1
@@ -485,7 +504,7 @@ def _locked_method(name: str):
     return method
 
 
-for _name in ("lookup", "lookup_sources", "add_hot", "drop_hot", "drop_holders", "drop_replica", "report_lost", "report_bad",
+for _name in ("lookup", "lookup_sources", "register_ref", "add_hot", "drop_hot", "drop_holders", "drop_replica", "report_lost", "report_bad",
               "remove", "clear", "stats", "entries", "ping"):
     setattr(AsyncKVIndex, _name, _locked_method(_name))
 

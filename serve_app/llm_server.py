@@ -116,6 +116,7 @@ class SemShareServer:
                          "reuse_error": 0, "registered": 0, "register_errors": 0, "active": 0,
                          "replica_lookups": 0, "refused": 0}
         self.reuse = ReusePath(self.engine, self.args, self.replica, self.index, self._fallback)
+        self.reuse.start_kv_owner()  # this node's KV owner, running before the first registration
         self.scheduler = Scheduler(self.engine, self.args.scheduler_config(self.engine.device))
         self.scheduler.start()
         # before the constructor returns: Serve neither routes to the replica nor counts it

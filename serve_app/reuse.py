@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
@@ -55,6 +56,7 @@ from semshare_core.staging import HostStaging
 
 from .hot_tier import HotEntry, HotTier, default_hot_bytes, device_kv, entry_bytes, private_copy
 from .index_actor import get_or_create_index_actor
+from .kv_owner import get_or_create_kv_owner
 from .kvcheck import load_reference
 from .protocol import Reference
 from .settings import AppArgs
@@ -195,7 +197,8 @@ class ReusePath:
         self._pending: set[asyncio.Task] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.counters = {"hot_hits": 0, "cold_hits": 0, "registered": 0, "register_errors": 0,
-                         "not_registered_depth": 0, "refreshed_exact": 0}
+                         "not_registered_depth": 0, "refreshed_exact": 0, "kv_owner_errors": 0}
+        self._owner = None  # this node's KVOwner handle (resolved on the first registration)
         self.register_ms: list[float] = []  # recent registration times (bounded)
         self._bad_uids: OrderedDict[str, None] = OrderedDict()  # versions reported bad: never admitted hot
 
@@ -386,8 +389,7 @@ class ReusePath:
             uid = uuid.uuid4().hex
             depth = 0 if exact else depth
             self._keep_hot(key, uid, packed, kv, depth, exact)
-            out = await self.index.call("register", key, vec, ids, packed, tenant, depth, exact, self.replica, uid,
-                                        timeout=self.args.register_timeout_s)
+            out = await self._register_kv(key, vec, ids, packed, tenant, depth, exact, uid)
             del packed
             ms = (time.perf_counter() - t0) * 1e3
             self.register_ms = (self.register_ms + [ms])[-256:]
@@ -406,6 +408,48 @@ class ReusePath:
             logger.warning("registering %s failed: %s: %s", key, type(e).__name__, e)
             return {"key": key, "stored": False, "reason": f"{type(e).__name__}",
                     "register_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+
+    async def _register_kv(self, key: str, vec, ids, packed, tenant: str, depth: int, exact: bool,
+                           uid: str) -> dict:
+        """Store ``packed`` and index it. With ``kv_owner_per_node``: the node's
+        :class:`~serve_app.kv_owner.KVOwner` puts it in this node's store and the index gets
+        only the ref; otherwise (or if the owner is unreachable) the index actor puts it."""
+        timeout = self.args.register_timeout_s
+        if self.args.kv_owner_per_node:
+            nbytes = packed.nbytes  # over the index's byte cap: refused there (counted), the copy freed
+            try:
+                owner = await self._kv_owner()
+                refs = await asyncio.wait_for(owner.put.remote(packed), timeout)
+            except Exception as e:  # noqa: BLE001 - an optimisation: the index actor can still store it
+                self._owner = None
+                self.counters["kv_owner_errors"] += 1
+                logger.warning("the node's KV owner failed (%s: %s): the index actor stores %s", type(e).__name__,
+                               e, key)
+            else:
+                return await self.index.call("register_ref", key, vec, ids, refs, nbytes, exact, tenant, depth,
+                                             self.replica, uid, timeout=timeout)
+        return await self.index.call("register", key, vec, ids, packed, tenant, depth, exact, self.replica, uid,
+                                     timeout=timeout)
+
+    def start_kv_owner(self, timeout: float = 120.0) -> None:
+        """Constructor: create / resolve this node's KV owner and wait until it runs, so its
+        process start-up (seconds: it imports the package) never falls on a registration."""
+        ns = self.index.known_namespace
+        if not self.args.kv_owner_per_node or ns is None:
+            return
+        try:
+            owner = get_or_create_kv_owner(self.args.index_name, ns, ray.get_runtime_context().get_node_id())
+            ray.get(owner.node_id.remote(), timeout=timeout)
+            self._owner = owner
+        except Exception as e:  # noqa: BLE001 - registrations resolve it again, or fall back
+            logger.warning("KV owner not available at start-up (%s: %s)", type(e).__name__, e)
+
+    async def _kv_owner(self):
+        if self._owner is None:
+            ns = await self.index.namespace()
+            node = ray.get_runtime_context().get_node_id()
+            self._owner = await asyncio.to_thread(get_or_create_kv_owner, self.args.index_name, ns, node)
+        return self._owner
 
     def _device_copy(self, pre, packed) -> torch.Tensor:
         """The KV on the engine device: a view of the export on the CPU; on an accelerator

@@ -4,7 +4,9 @@ Node A (resource ``node_a``) hosts the index actor, which owns every KV object (
 object store); node B (``node_b``) hosts a worker actor with the tiny-random engine.
 The worker prefills a prompt, registers its KV (the actor on A ray.put()s it), then a
 10%-edited variant on B looks it up, pulls the KV from A's object store into B's, and
-reuses it. Prints one JSON line with the facts; exit code 0 when they hold.
+reuses it. A second prompt is registered as serving does by default, through the KV
+owner actor on B (``serve_app/kv_owner.py``): its object is in B's store only, none of
+it crossed to A. Prints one JSON line with the facts; exit code 0 when they hold.
 """
 from __future__ import annotations
 
@@ -42,6 +44,20 @@ class Worker:
         pre = self.engine.prefill(ids)
         return ray.get(index.register.remote(key, self.engine.fingerprint(ids), ids,
                                              self.engine.export_kv(pre), "t"))
+
+    def register_owned(self, index, text: str, key: str) -> dict:
+        """As a replica registers: the KV to this node's owner actor, the ref to the index."""
+        from serve_app.kv_owner import get_or_create_kv_owner
+
+        ids = self.engine.encode(text)
+        packed = self.engine.export_kv(self.engine.prefill(ids))
+        owner = get_or_create_kv_owner("mn_index", "mn", self.node())
+        refs = ray.get(owner.put.remote(packed))
+        out = ray.get(index.register_ref.remote(key, self.engine.fingerprint(ids), ids, refs, packed.nbytes,
+                                                True, "t"))
+        locations = ray.experimental.get_object_locations(refs)[refs[0]]
+        return {**out, "owner_node": ray.get(owner.node_id.remote()),
+                "object_nodes": sorted(locations.get("node_ids", []))}
 
     def reuse(self, index, text: str) -> dict:
         ids = self.engine.encode(text)
@@ -104,14 +120,21 @@ def main() -> int:
                            + words[len(words) // 2 + k:])
         reg = ray.get(worker.register.remote(index, base, "t:doc"))
         out = ray.get(worker.reuse.remote(index, variant))
+        # through the per-node owner (serving's default): the KV stays in B's store
+        other = " ".join(corpus[60000:60900].split())
+        owned = ray.get(worker.register_owned.remote(index, other, "t:owned"))
         facts = {"nodes": len(nodes), "addresses": addresses, "index_node": node_of["node_a"][:8],
                  "worker_node": worker_node[:8], "registered": reg["stored"], **out,
                  "object_nodes": [n[:8] for n in out.get("object_nodes", [])],
+                 "owned_registered": owned["stored"], "owner_node": owned["owner_node"][:8],
+                 "owned_object_nodes": [n[:8] for n in owned["object_nodes"]],
                  "wall_s": round(time.time() - t0, 1)}
         print(json.dumps(facts))
         ok = (len(nodes) == 2 and addresses == ["127.0.0.1"] and worker_node == node_of["node_b"]
               and index_node == node_of["node_a"] and reg["stored"] and out["hit"]
-              and out["reused_tokens"] > 0 and node_of["node_a"] in out.get("object_nodes", []))
+              and out["reused_tokens"] > 0 and node_of["node_a"] in out.get("object_nodes", [])
+              and owned["stored"] and owned["owner_node"] == node_of["node_b"]
+              and owned["object_nodes"] == [node_of["node_b"]])
         return 0 if ok else 1
     finally:
         ray.shutdown()

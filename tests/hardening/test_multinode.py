@@ -27,3 +27,6 @@ def test_kv_crosses_nodes_through_the_object_store_and_is_reused():
     assert facts["index_node"] != facts["worker_node"]
     assert facts["hit"] and facts["reused_tokens"] > 0
     assert len(facts["object_nodes"]) >= 1
+    # serving's default path: the KV owner actor on the registering node; nothing crossed
+    assert facts["owned_registered"] and facts["owner_node"] == facts["worker_node"]
+    assert facts["owned_object_nodes"] == [facts["worker_node"]]

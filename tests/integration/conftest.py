@@ -163,3 +163,13 @@ def hardened(server, tmp_path_factory):
     finally:
         client.close()
         serve.delete("hardened")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A tiny random Llama engine (no Ray): for tests that build KV to register directly."""
+    from semshare_core import SemShareEngine
+    from semshare_core.models import tiny_random
+
+    lm = tiny_random("llama")
+    return SemShareEngine(lm.model, lm.tokenizer)

@@ -50,6 +50,9 @@ def dp(server):
             ray.kill(ray.get_actor(DP_INDEX, namespace=DP_NS), no_restart=True)
         except ValueError:
             pass
+        from serve_app.kv_owner import kill_kv_owners
+
+        kill_kv_owners(DP_INDEX, DP_NS)
 
 
 def _index():
@@ -148,6 +151,15 @@ def test_evicted_entries_leave_the_object_store_though_a_replica_fetched_them(dp
         assert _gen(a, prompts[i], f"e{i}")["store_key"] == f"e{i}"
     held = _index_stats()["bytes"]
     assert held > 100_000
+    # the KV went to this node's owner actor, and only its ref to the index (no fallback)
+    import ray
+
+    from serve_app.kv_owner import owner_name
+
+    owner = ray.get_actor(owner_name(DP_INDEX, ray.get_runtime_context().get_node_id()), namespace=DP_NS)
+    assert ray.get(owner.node_id.remote(), timeout=30) == ray.get_runtime_context().get_node_id()
+    reuse = a.info.remote().result(timeout_s=30)["reuse"]
+    assert reuse["registered"] == 2 and reuse["kv_owner_errors"] == 0, reuse
     for i in (0, 1):
         done = _gen(b, prompts[i])
         assert done["cache_hit"] and done["cache_tier"] == "cold" and done["ref_key"] == f"e{i}", done
@@ -175,8 +187,6 @@ def test_evicted_entries_leave_the_object_store_though_a_replica_fetched_them(dp
         assert time.time() < deadline, after
         time.sleep(0.2)
     assert after["entries"] == 2 and after["dropped"] == before["dropped"] + 1, (before, after)
-
-    import ray
 
     assert ray.get(_index().clear.remote(), timeout=30) == 2
     used = _wait_store_at_most(base + held // 4)

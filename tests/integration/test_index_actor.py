@@ -7,15 +7,6 @@ import pytest
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from semshare_core import SemShareEngine
-    from semshare_core.models import tiny_random
-
-    lm = tiny_random("llama")
-    return SemShareEngine(lm.model, lm.tokenizer)
-
-
 def _entry(engine, i: int):
     from semshare_core.models import corpus_text
 

@@ -69,13 +69,30 @@ def _gib(quantity: str) -> float:
     return float(quantity[:-2]) if quantity.endswith("Gi") else float(quantity) / 2**30
 
 
-def test_index_actor_pinned_to_the_head_with_an_object_store_for_the_index():
+def _store_and_shm(group: dict) -> tuple[int, dict]:
+    """(object-store bytes, the group's container) after checking /dev/shm is a memory
+    volume at least that large and the container's memory limit leaves 4 GiB beside it."""
+    store = int(group["rayStartParams"]["object-store-memory"])
+    spec = group["template"]["spec"]
+    shm = next(v for v in spec["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory" and _gib(shm["emptyDir"]["sizeLimit"]) * 2**30 >= store
+    c = spec["containers"][0]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert _gib(c["resources"]["limits"]["memory"]) * 2**30 >= store + (4 << 30)
+    return store, c
+
+
+def test_index_actor_pinned_to_the_head_and_kv_stores_where_it_is_produced():
+    """The index actor (metadata) on the head; with ``kv_owner_per_node`` (the default) the
+    KV of a registration stays in its GPU pod's store, so each GPU pod's store (and shm)
+    holds ``index_max_bytes`` plus room in flight; the head's only takes the fallback."""
     import json
 
     from serve_app.index_actor import INDEX_RESOURCES_ENV, index_actor_options
 
     m = manifest()
     a = resolve_args(app_args(yaml.safe_load(m["spec"]["serveConfigV2"])))
+    assert a.kv_owner_per_node
     rc = m["spec"]["rayClusterConfig"]
     head, (gpu,) = rc["headGroupSpec"], rc["workerGroupSpecs"]
     # KubeRay passes `resources` to `ray start --resources` as a quoted JSON string
@@ -88,14 +105,10 @@ def test_index_actor_pinned_to_the_head_with_an_object_store_for_the_index():
         demands.add(tuple(sorted(opts["resources"].items())))
     (demand,) = demands
     assert all(head_res.get(k, 0) >= v > 0 for k, v in demand)  # only the head can host it
-    store = int(head["rayStartParams"]["object-store-memory"])
-    assert store >= a.index_max_bytes + (2 << 30)  # the index plus registrations in flight
-    spec = head["template"]["spec"]
-    shm = next(v for v in spec["volumes"] if v["name"] == "shm")
-    assert shm["emptyDir"]["medium"] == "Memory" and _gib(shm["emptyDir"]["sizeLimit"]) * 2**30 >= store
-    c = spec["containers"][0]
-    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-    assert _gib(c["resources"]["limits"]["memory"]) * 2**30 >= store + (4 << 30)
+    gpu_store, _ = _store_and_shm(gpu)
+    assert gpu_store >= a.index_max_bytes + (2 << 30)  # the index plus registrations in flight
+    head_store, _ = _store_and_shm(head)
+    assert head_store >= 2 << 30  # registrations when a pod's KV owner fails
     with pytest.raises(ValueError, match=INDEX_RESOURCES_ENV):
         index_actor_options("i", "ns", environ={INDEX_RESOURCES_ENV: "[1]"})
     assert "resources" not in index_actor_options("i", "ns", environ={})
