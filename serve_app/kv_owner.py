@@ -49,8 +49,9 @@ class _KVOwner:
 
 
 # num_cpus=0: light, and must never wait for a CPU slot held by a model replica.
-# max_concurrency: puts of different replicas on the node run side by side.
-KVOwner = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)(_KVOwner)
+# max_concurrency 1: one put at a time (on the 2-core box, 4 concurrent copies made lookups
+# slower: benchmarks/results/index-load.md); registrations of a node queue for it.
+KVOwner = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1)(_KVOwner)
 
 
 def owner_name(index_name: str, node_id: str) -> str:
