@@ -531,6 +531,8 @@ class SemShareEngine:
     def _prefill_multi_hit(self, ids: np.ndarray, sources: list[PackedKV], cfg: SemShareConfig,
                            sources_kv: list[torch.Tensor | None]) -> PrefillResult:
         n, L = int(ids.size), self.num_layers
+        if cfg.source_recompute_floor > cfg.recompute_floor:  # several sources: a higher floor
+            cfg = cfg.with_(recompute_floor=cfg.source_recompute_floor)
         t0 = self._clock()
         mapping = self.map_to_sources(ids, sources, cfg)
         forced = self.source_forced(mapping, cfg)

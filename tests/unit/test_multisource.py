@@ -253,6 +253,28 @@ def test_boundary_rows_are_forced(engine):
     assert more.stats.rows_per_layer[1] >= base.stats.rows_per_layer[1]
 
 
+def test_source_recompute_floor_raises_deep_layers_of_several_sources_only(engine):
+    ids, refs = _rag(engine)
+    cfg = engine.config.with_(recompute_ratio=0.2, recompute_decay=0.5, recompute_floor=0.05, boundary_rows=0)
+    low = engine.prefill_multi(ids, refs, cfg.with_(source_recompute_floor=0.05))
+    high = engine.prefill_multi(ids, refs, cfg.with_(source_recompute_floor=0.3))
+    L = engine.num_layers
+    assert low.stats.hit and high.stats.hit
+    # a floor at or below recompute_floor is the plain schedule
+    same = engine.prefill_multi(ids, refs, cfg.with_(source_recompute_floor=0.0))
+    assert same.stats.rows_per_layer == low.stats.rows_per_layer and torch.equal(same.logits, low.logits)
+    n = ids.size
+    for l in range(1, L):
+        assert high.stats.rows_per_layer[l] >= low.stats.rows_per_layer[l]
+        assert high.stats.rows_per_layer[l] >= min(n, int(np.ceil(0.3 * n)))
+    assert high.stats.rows_per_layer[L - 1] > low.stats.rows_per_layer[L - 1]
+    # one source: the single-reference path, whatever the several-source floor
+    for c in (cfg.with_(source_recompute_floor=0.05), cfg.with_(source_recompute_floor=0.3)):
+        one = engine.prefill_multi(ids, refs[:1], c)
+        ref = engine.prefill(ids, refs[0], cfg)
+        assert torch.equal(one.logits, ref.logits) and one.stats.rows_per_layer == ref.stats.rows_per_layer
+
+
 # index --------------------------------------------------------------------------------
 def test_lookup_sources_covers_a_rag_prompt_and_keeps_single_cover_single():
     rng = np.random.default_rng(0)
@@ -287,3 +309,5 @@ def test_config_validates_source_fields():
         SemShareConfig(source_min_gain=1.5)
     with pytest.raises(ValueError):
         SemShareConfig(boundary_rows=-1)
+    with pytest.raises(ValueError):
+        SemShareConfig(source_recompute_floor=1.5)
