@@ -95,11 +95,12 @@ class SemShareConfig:
         than spending the same rows on a higher recompute_ratio (0.4, 0.5).
         ``source_recompute_floor``: the ``recompute_floor`` of a several-source hit (the
         larger of the two applies; a hit on one reference keeps ``recompute_floor``).
-        Default 0.1: on six ~2k-token prompts of 3-4 sources (benchmarks/rag.py) it lowered
-        or kept the perplexity ratio on every prompt (median 1.029 -> 1.018) for a FLOP
-        proxy of 0.28 instead of 0.26, the cheapest of the rows-for-quality trades tried
+        Default 0.1: on two sets of six ~2k-token prompts of 3-4 sources (benchmarks/rag.py)
+        it lowered or kept the perplexity ratio on all 12 prompts (medians 1.029 -> 1.018
+        and 1.032 -> 1.026) for a FLOP proxy of 0.28 instead of 0.26 (CPU-time speedup 2.25x
+        -> 2.10x in the same rounds), the cheapest of the rows-for-quality trades tried
         (boundary_rows 24/32, recompute_ratio 0.4, recompute_decay 0.95: 1.019-1.027 at
-        0.29-0.34); results in docs/rag.md.
+        0.29-0.34); at ~1k tokens ``recompute_min_tokens`` binds first. docs/rag.md.
     Fetch
         ``host_staging``: how a hit moves reference rows that live in host memory to the
         device (:mod:`semshare_core.staging`). ``layered``: one layer at a time through
