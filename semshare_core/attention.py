@@ -52,8 +52,10 @@ class RowPlan:
     """How the selected rows ``rows`` (sorted int64 ``[s]``, positions in a prompt of ``n``) attend.
 
     ``spans``: ``(a, b, limit)``: rows ``[a, b)`` attend to keys ``[0, limit)`` with
-    ``masks[c]`` ``[1, 1, b - a, limit]``. ``full``: the rows are the whole prompt (use
-    the model's causal attention instead).
+    ``masks[c]`` ``[1, 1, b - a, limit]`` (bool, or additive 0 / -inf in ``mask_dtype``: what
+    sdpa turns a bool mask into on every call, done once per plan instead of once per layer
+    and chunk; the same result). ``full``: the rows are the whole prompt (use the model's
+    causal attention instead). ``last_allowed``: the last chunk's mask as bool.
     """
 
     rows: torch.Tensor
@@ -61,12 +63,14 @@ class RowPlan:
     spans: list[tuple[int, int, int]]
     masks: list[torch.Tensor]
     full: bool
+    last_allowed: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rows: torch.Tensor, n: int, chunks: int = 1, sliding_window: int | None = None,
-              last_row: int | None = None) -> "RowPlan":
+              last_row: int | None = None, mask_dtype: torch.dtype | None = None) -> "RowPlan":
         """``last_row``: ``rows[-1]`` when the caller knows it; with one chunk the plan then
-        reads nothing back from the device (several chunks read their bounds in one call)."""
+        reads nothing back from the device (several chunks read their bounds in one call).
+        ``mask_dtype``: the queries' floating dtype, to keep additive masks (None: bool)."""
         s = int(rows.numel())
         if s == n and sliding_window is None:
             return cls(rows, n, [(0, s, n)], [], True)
@@ -80,12 +84,17 @@ class RowPlan:
             tops = [int(last_row)]
         else:  # each chunk's last (largest) position, read back in one call
             tops = rows[torch.tensor([b - 1 for _, b in pairs], device=rows.device)].tolist()
-        spans, masks = [], []
+        spans, masks, allowed = [], [], None
         for (a, b), top in zip(pairs, tops):
             limit = top + 1
             spans.append((a, b, limit))
-            masks.append(visibility_mask(rows[a:b], limit, sliding_window))
-        return cls(rows, n, spans, masks, False)
+            allowed = visibility_mask(rows[a:b], limit, sliding_window)
+            if mask_dtype is None:
+                masks.append(allowed)
+            else:
+                masks.append(torch.zeros(allowed.shape, dtype=mask_dtype, device=allowed.device)
+                             .masked_fill_(~allowed, float("-inf")))
+        return cls(rows, n, spans, masks, False, allowed)
 
     def last_rows_mask(self, w: int) -> torch.Tensor:
         """bool ``[1, 1, w', n]`` for the last ``w' = min(w, |rows|)`` rows (for the recorder)."""
@@ -93,7 +102,7 @@ class RowPlan:
         return visibility_mask(r, self.n, None) if self.full else self._full_width(r)
 
     def _full_width(self, r: torch.Tensor) -> torch.Tensor:
-        last = self.masks[-1]
+        last = self.last_allowed
         w = int(r.numel())
         out = torch.zeros((1, 1, w, self.n), dtype=torch.bool, device=r.device)
         out[..., : last.shape[-1]] = last[..., -w:, :]

@@ -93,6 +93,14 @@ class SemShareConfig:
         vs 0.08 from a full prefill's), and at 2k tokens forcing 16 more rows per boundary
         lowered the perplexity ratio on all 4 prompts tried (median 1.05 -> 1.01), more
         than spending the same rows on a higher recompute_ratio (0.4, 0.5).
+        ``source_recompute_floor``: the ``recompute_floor`` of a several-source hit (the
+        larger of the two applies; a hit on one reference keeps ``recompute_floor``).
+        Default 0.1: on two sets of six ~2k-token prompts of 3-4 sources (benchmarks/rag.py)
+        it lowered or kept the perplexity ratio on all 12 prompts (medians 1.029 -> 1.018
+        and 1.032 -> 1.026) for a FLOP proxy of 0.28 instead of 0.26 (CPU-time speedup 2.25x
+        -> 2.10x in the same rounds), the cheapest of the rows-for-quality trades tried
+        (boundary_rows 24/32, recompute_ratio 0.4, recompute_decay 0.95: 1.019-1.027 at
+        0.29-0.34); at ~1k tokens ``recompute_min_tokens`` binds first. docs/rag.md.
     Fetch
         ``host_staging``: how a hit moves reference rows that live in host memory to the
         device (:mod:`semshare_core.staging`). ``layered``: one layer at a time through
@@ -132,6 +140,7 @@ class SemShareConfig:
     source_min_gain: float = 0.05
     source_near: int = 0
     boundary_rows: int = 16
+    source_recompute_floor: float = 0.1
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -163,6 +172,8 @@ class SemShareConfig:
         check(0.0 <= self.source_min_gain <= 1.0, "source_min_gain must be in [0, 1]")
         check(self.source_near >= 0, "source_near must be >= 0")
         check(self.boundary_rows >= 0, "boundary_rows must be >= 0")
+        v = self.source_recompute_floor
+        check(0.0 <= v <= 1.0 and not math.isnan(v), f"source_recompute_floor must be in [0, 1], got {v}")
         check(self.host_staging in HOST_STAGINGS,
               f"host_staging must be one of {HOST_STAGINGS}, got {self.host_staging!r}")
 

@@ -32,7 +32,7 @@ from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .sources import SourceMapping, map_sources
 from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
-from .prefill import full_length_cache, full_prefill, selective_prefill
+from .prefill import _probe_supported, decoder_layers, full_length_cache, full_prefill, selective_prefill
 from .prepack import prepack_linears
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -473,35 +473,47 @@ class SemShareEngine:
                            source_lsh=lambda k: self._reference_lsh(sources[k], cfg))
 
     def gather_sources(self, sources: Sequence[PackedKV], mapping: SourceMapping,
-                       sources_kv: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+                       sources_kv: Sequence[torch.Tensor | None] | None = None, from_layer: int = 0) -> torch.Tensor:
         """Rows of several sources in prompt order, each key re-rotated by its own offset
         (prompt position - source position): ``[L, 2, H, n, D]`` (new memory, on the device).
 
-        One output buffer; per source one ``index_select`` of just the rows it gives
-        (on its device tensor when given, else on its host array) copied into place.
-        Unmapped rows are zero (they are recomputed in every layer).
+        One output buffer. A source already on the engine's device (its device tensor, or any
+        source when the engine runs on the CPU) is copied in one slice per run
+        (:meth:`SourceMapping.runs`: prompt rows contiguous in one source); a host source for
+        an accelerator is gathered on the host with one ``index_select`` of just its rows and
+        copied over once. Unmapped rows are zero (they are recomputed in every layer), and so
+        are layers below ``from_layer`` (for a caller that recomputes those layers on every
+        row and never reads their reused K/V).
         """
         n = int(mapping.source.size)
         first = sources[0].data.shape
         out = torch.empty((first[0], 2, first[2], n, first[4]), dtype=self.dtype, device=self.device)
+        if from_layer > 0:
+            out[:from_layer].zero_()
         kvs = list(sources_kv) if sources_kv is not None else [None] * len(sources)
+        on_device = [kv is not None or self.device.type == "cpu" for kv in kvs]
+        local = [(kv if kv is not None else src.to_torch("cpu"))[from_layer:] if ok else None
+                 for src, kv, ok in zip(sources, kvs, on_device)]
+        dst = out[from_layer:]
+        starts, stops, owner, src_starts = mapping.runs()
+        for a, b, k, p in zip(starts.tolist(), stops.tolist(), owner.tolist(), src_starts.tolist()):
+            if local[k] is not None:
+                dst[:, :, :, a:b].copy_(local[k][:, :, :, p:p + b - a])
         src_t = torch.from_numpy(mapping.source.astype(np.int64))
         pos_t = torch.from_numpy(mapping.src_index)
-        for k, (packed, kv) in enumerate(zip(sources, kvs)):
+        for k, packed in enumerate(sources):
+            if on_device[k]:
+                continue
             rows = torch.nonzero(src_t == k).reshape(-1)
             if rows.numel() == 0:
                 continue
-            idx = pos_t[rows]
-            if kv is not None:
-                part = kv.index_select(3, idx.to(kv.device))
-            else:
-                part = packed.to_torch("cpu").index_select(3, idx)
-            out.index_copy_(3, rows.to(self.device), part.to(device=self.device, dtype=self.dtype))
+            part = packed.to_torch("cpu")[from_layer:].index_select(3, pos_t[rows])
+            dst.index_copy_(3, rows.to(self.device), part.to(device=self.device, dtype=self.dtype))
         none = torch.nonzero(src_t < 0).reshape(-1)
         if none.numel():
-            out.index_fill_(3, none.to(self.device), 0)
+            dst.index_fill_(3, none.to(self.device), 0)
         delta = (torch.arange(n) - pos_t).to(self.device)
-        self.rerotate.rotate_(out[:, 0], delta)
+        self.rerotate.rotate_(dst[:, 0], delta)
         return out
 
     def source_forced(self, mapping: SourceMapping, cfg: SemShareConfig) -> np.ndarray:
@@ -519,6 +531,8 @@ class SemShareEngine:
     def _prefill_multi_hit(self, ids: np.ndarray, sources: list[PackedKV], cfg: SemShareConfig,
                            sources_kv: list[torch.Tensor | None]) -> PrefillResult:
         n, L = int(ids.size), self.num_layers
+        if cfg.source_recompute_floor > cfg.recompute_floor:  # several sources: a higher floor
+            cfg = cfg.with_(recompute_floor=cfg.source_recompute_floor)
         t0 = self._clock()
         mapping = self.map_to_sources(ids, sources, cfg)
         forced = self.source_forced(mapping, cfg)
@@ -528,7 +542,9 @@ class SemShareEngine:
             f[max(0, n - cfg.window):] = True
             if self.planned_rows(n, int(f.sum()), cfg) >= n * L:
                 return self._full(ids, mapping_ms=(t1 - t0) * 1e3)
-        buf = self.gather_sources(sources, mapping, sources_kv)
+        # the probe reads layer 1's reused rows; layer 0 runs on every row and is never read
+        skip = 1 if (L > 1 and cfg.recompute_ratio < 1.0 and _probe_supported(decoder_layers(self.model)[1])) else 0
+        buf = self.gather_sources(sources, mapping, sources_kv, from_layer=skip)
         staging = "device" if any(kv is not None for kv in sources_kv) else (
             "cpu" if self.device.type == "cpu" else "whole")
         feed = ImmediateFeed(buf, staging)

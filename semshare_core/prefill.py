@@ -286,7 +286,8 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
 
     def plan_for(r: torch.Tensor):
         # the last token is always recomputed (window >= 1), so the last row is n - 1
-        return RowPlan.build(r, n, chunks, sliding, last_row=n - 1), (cos[:, r], sin[:, r])
+        return (RowPlan.build(r, n, chunks, sliding, last_row=n - 1, mask_dtype=hidden.dtype),
+                (cos[:, r], sin[:, r]))
 
     probe_ok = L > 1 and _probe_supported(layers[1])
     chunks = cfg.chunks_for(dev)

@@ -93,13 +93,13 @@ class Rerotator:
             cos, sin = cos / scale, sin / scale
         return cos, sin
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[heads, n, head_dim]`` rotated, float32 math, returned in ``x.dtype``."""
+    def _rotate_float(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[heads, n, head_dim]`` rotated, in float32."""
         xf = x.float()
         if self.fast:
-            return _rotate_half_inplace(xf, cos, sin).to(x.dtype)
+            return _rotate_half_inplace(xf, cos, sin)
         _, out = self.apply(xf[None], xf[None], cos[None], sin[None])
-        return out[0].to(x.dtype)
+        return out[0]
 
     @torch.no_grad()
     def __call__(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class Rerotator:
         """:meth:`rotate_` with the angles precomputed by :meth:`angles` (e.g. once for all layers)."""
         flat = keys.view(-1, *keys.shape[-3:])  # a view (raises otherwise): writes land in ``keys``
         for i in range(flat.shape[0]):
-            flat[i] = self._rotate(flat[i], cos, sin)
+            flat[i].copy_(self._rotate_float(flat[i], cos, sin))  # one rounding to keys.dtype, in place
         return keys
 
 

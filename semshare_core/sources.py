@@ -56,6 +56,22 @@ class SourceMapping(MatchKinds):
         ok = self.source >= 0
         return np.bincount(self.source[ok].astype(np.int64), minlength=len(self.src_lens)).tolist()
 
+    def runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Maximal stretches of mapped tokens that are contiguous both in the prompt and in one
+        source: int64 arrays ``(start, stop, source, src_start)`` (prompt rows ``[start, stop)``
+        come from rows ``[src_start, src_start + stop - start)`` of ``source``). Unmapped tokens
+        belong to no run."""
+        mapped = np.nonzero(self.source >= 0)[0]
+        if mapped.size == 0:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, z, z
+        s, p = self.source[mapped].astype(np.int64), self.src_index[mapped]
+        new = np.ones(mapped.size, dtype=bool)
+        new[1:] = (s[1:] != s[:-1]) | (p[1:] != p[:-1] + 1) | (mapped[1:] != mapped[:-1] + 1)
+        first = np.nonzero(new)[0]
+        last = np.append(first[1:], mapped.size) - 1
+        return (mapped[first].astype(np.int64), mapped[last].astype(np.int64) + 1, s[first], p[first].astype(np.int64))
+
     def boundaries(self) -> np.ndarray:
         """int64 positions ``i > 0`` where a mapped token does not continue the previous
         mapped token's run: another source, or another place in the same source (e.g. two

@@ -360,6 +360,25 @@ def test_row_plan_chunks_equal_one_masked_call():
         torch.testing.assert_close(_planned_attention(None, q, k, v, plan, None), one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_plan_additive_masks_equal_bool_masks(dtype):
+    """Masks kept additive in the queries' dtype give exactly what sdpa computes from bool masks."""
+    from semshare_core.attention import RowPlan, _planned_attention
+
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    rows = torch.cat([torch.sort(torch.randperm(n - 4, generator=g)[:100]).values, torch.arange(n - 4, n)])
+    q = torch.randn(1, 4, rows.numel(), 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, n, 16, generator=g).to(dtype) for _ in range(2))
+    for sliding in (None, 50):
+        plain = RowPlan.build(rows, n, chunks=4, sliding_window=sliding)
+        additive = RowPlan.build(rows, n, chunks=4, sliding_window=sliding, mask_dtype=dtype)
+        assert all(m.dtype == dtype for m in additive.masks)
+        assert torch.equal(_planned_attention(None, q, k, v, additive, None),
+                           _planned_attention(None, q, k, v, plain, None))
+        assert torch.equal(additive.last_rows_mask(8), plain.last_rows_mask(8))
+
+
 @pytest.mark.parametrize("chunks", [2, 5])
 def test_chunked_selected_rows_give_the_same_prefill(engine, chunks, monkeypatch):
     from semshare_core import attention

@@ -158,6 +158,57 @@ def test_per_row_rerotation_is_exact_at_layer0(engine):
     assert torch.equal(again, gathered)
 
 
+def test_runs_are_contiguous_in_prompt_and_source():
+    a, b = np.arange(0, 40), np.arange(100, 140)
+    t = np.concatenate([a[0:10], b[0:10], b[20:30], [999], b[31:35], a[10:15]])
+    m = map_sources(t, [a, b])
+    starts, stops, owner, src_starts = m.runs()
+    # the NONE gap splits b's run (boundaries() does not): runs never span an unmapped row
+    assert list(zip(starts, stops, owner, src_starts)) == [(0, 10, 0, 0), (10, 20, 1, 0), (20, 30, 1, 20),
+                                                          (31, 35, 1, 31), (35, 40, 0, 10)]
+    covered = np.zeros(t.size, dtype=bool)
+    for s_, e_, k, p in zip(starts, stops, owner, src_starts):
+        assert (m.source[s_:e_] == k).all() and (m.src_index[s_:e_] == np.arange(p, p + e_ - s_)).all()
+        covered[s_:e_] = True
+    assert (covered == (m.source >= 0)).all()
+
+
+def _gather_by_rows(engine, refs, m):
+    """The plain definition: every row from its source by index, unmapped rows zero, keys re-rotated."""
+    kv = [r.to_torch() for r in refs]
+    first = kv[0].shape
+    out = torch.zeros((first[0], 2, first[2], m.source.size, first[4]), dtype=engine.dtype)
+    for i in range(m.source.size):
+        if m.source[i] >= 0:
+            out[:, :, :, i] = kv[m.source[i]][:, :, :, m.src_index[i]]
+    engine.rerotate.rotate_(out[:, 0], torch.arange(m.source.size) - torch.from_numpy(m.src_index))
+    return out
+
+
+def test_gather_by_runs_equals_gather_by_rows(engine):
+    ids, refs = _rag(engine)
+    ids = np.concatenate([ids[:30], [7, 7, 7], ids[30:]])  # an unmapped stretch inside a run
+    m = engine.map_to_sources(ids, refs)
+    assert (m.source < 0).any() and len(m.runs()[0]) > 3
+    want = _gather_by_rows(engine, refs, m)
+    assert torch.equal(engine.gather_sources(refs, m), want)
+    assert torch.equal(engine.gather_sources(refs, m, [r.to_torch() for r in refs]), want)
+    # layers below from_layer are left zero, the others are the same
+    skip = engine.gather_sources(refs, m, from_layer=1)
+    assert torch.equal(skip[1:], want[1:]) and not skip[0].any()
+
+
+def test_multi_hit_skipping_layer0_gather_changes_nothing(engine, monkeypatch):
+    ids, refs = _rag(engine)
+    hit = engine.prefill_multi(ids, refs)
+    gather = engine.gather_sources
+    monkeypatch.setattr(engine, "gather_sources", lambda *a, **kw: gather(*a, **{**kw, "from_layer": 0}))
+    again = engine.prefill_multi(ids, refs)
+    assert torch.equal(hit.logits, again.logits)
+    for l in range(engine.num_layers):
+        assert torch.equal(hit.keys[l], again.keys[l]) and torch.equal(hit.values[l], again.values[l])
+
+
 def test_bad_sources_are_dropped_and_the_hit_goes_on(engine):
     ids, refs = _rag(engine)
     alien = dataclasses.replace(refs[1], signature=dataclasses.replace(refs[1].signature, weights="0" * 16))
@@ -202,6 +253,28 @@ def test_boundary_rows_are_forced(engine):
     assert more.stats.rows_per_layer[1] >= base.stats.rows_per_layer[1]
 
 
+def test_source_recompute_floor_raises_deep_layers_of_several_sources_only(engine):
+    ids, refs = _rag(engine)
+    cfg = engine.config.with_(recompute_ratio=0.2, recompute_decay=0.5, recompute_floor=0.05, boundary_rows=0)
+    low = engine.prefill_multi(ids, refs, cfg.with_(source_recompute_floor=0.05))
+    high = engine.prefill_multi(ids, refs, cfg.with_(source_recompute_floor=0.3))
+    L = engine.num_layers
+    assert low.stats.hit and high.stats.hit
+    # a floor at or below recompute_floor is the plain schedule
+    same = engine.prefill_multi(ids, refs, cfg.with_(source_recompute_floor=0.0))
+    assert same.stats.rows_per_layer == low.stats.rows_per_layer and torch.equal(same.logits, low.logits)
+    n = ids.size
+    for l in range(1, L):
+        assert high.stats.rows_per_layer[l] >= low.stats.rows_per_layer[l]
+        assert high.stats.rows_per_layer[l] >= min(n, int(np.ceil(0.3 * n)))
+    assert high.stats.rows_per_layer[L - 1] > low.stats.rows_per_layer[L - 1]
+    # one source: the single-reference path, whatever the several-source floor
+    for c in (cfg.with_(source_recompute_floor=0.05), cfg.with_(source_recompute_floor=0.3)):
+        one = engine.prefill_multi(ids, refs[:1], c)
+        ref = engine.prefill(ids, refs[0], cfg)
+        assert torch.equal(one.logits, ref.logits) and one.stats.rows_per_layer == ref.stats.rows_per_layer
+
+
 # index --------------------------------------------------------------------------------
 def test_lookup_sources_covers_a_rag_prompt_and_keeps_single_cover_single():
     rng = np.random.default_rng(0)
@@ -236,3 +309,5 @@ def test_config_validates_source_fields():
         SemShareConfig(source_min_gain=1.5)
     with pytest.raises(ValueError):
         SemShareConfig(boundary_rows=-1)
+    with pytest.raises(ValueError):
+        SemShareConfig(source_recompute_floor=1.5)
