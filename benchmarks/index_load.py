@@ -122,7 +122,7 @@ def run(args) -> dict:
                 if owner is None:
                     ray.get(actor.register.remote(key, vec, kv_ids[c], kv_refs[c], "bench"))
                 else:
-                    refs = ray.get(owner.put.remote(kv_refs[c]))
+                    refs = owner.put.remote(kv_refs[c])  # as serving does: the index call waits for the put
                     ray.get(actor.register_ref.remote(key, vec, kv_ids[c], refs, kv_nbytes[c], True, "bench"))
                 reg_ms.append((time.perf_counter() - t0) * 1e3)
                 k += 1
@@ -193,7 +193,8 @@ def main(argv=None) -> None:
                    help="async: serve_app's IndexActor; sync: the previous one-call-at-a-time actor")
     p.add_argument("--via", choices=["index", "owner"], default="index",
                    help="index: the index actor puts each KV (register); owner: a KVOwner actor puts it and the "
-                        "index gets the ref (register_ref, serving's default since kv_owner_per_node)")
+                        "index gets the ref (register_ref: serving's kv_owner node, chosen by auto when the index is on "
+                        "another node)")
     p.add_argument("--put-threads", type=int, default=None, help="async actor: concurrent ray.put copies")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--tokens", type=int, default=2048)

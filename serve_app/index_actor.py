@@ -413,7 +413,12 @@ class KVIndex:
         return _audit({"index_bytes": self.index.nbytes, "entries": list(self.index.entries())})
 
     def ping(self) -> dict:
-        return {"ok": True, "entries": len(self.index), "uptime_s": round(time.time() - self.started, 3)}
+        try:
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:  # noqa: BLE001 - informational
+            node = None
+        return {"ok": True, "entries": len(self.index), "uptime_s": round(time.time() - self.started, 3),
+                "node_id": node}
 
 
 @ray.remote(num_cpus=0)

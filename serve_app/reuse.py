@@ -199,6 +199,9 @@ class ReusePath:
         self.counters = {"hot_hits": 0, "cold_hits": 0, "registered": 0, "register_errors": 0,
                          "not_registered_depth": 0, "refreshed_exact": 0, "kv_owner_errors": 0}
         self._owner = None  # this node's KVOwner handle (resolved on the first registration)
+        # who puts registrations: "node" (the node's KVOwner) or "index"; start_kv_owner
+        # resolves "auto" (without it: the owner unless the setting says index)
+        self._owner_mode = "index" if args.kv_owner == "index" else "node"
         self.register_ms: list[float] = []  # recent registration times (bounded)
         self._bad_uids: OrderedDict[str, None] = OrderedDict()  # versions reported bad: never admitted hot
 
@@ -411,38 +414,53 @@ class ReusePath:
 
     async def _register_kv(self, key: str, vec, ids, packed, tenant: str, depth: int, exact: bool,
                            uid: str) -> dict:
-        """Store ``packed`` and index it. With ``kv_owner_per_node``: the node's
+        """Store ``packed`` and index it. ``kv_owner`` node: the node's
         :class:`~serve_app.kv_owner.KVOwner` puts it in this node's store and the index gets
-        only the ref; otherwise (or if the owner is unreachable) the index actor puts it."""
+        only the ref; index (or if the owner fails): the index actor puts it."""
         timeout = self.args.register_timeout_s
-        if self.args.kv_owner_per_node:
+        if self._owner_mode == "node":
             nbytes = packed.nbytes  # over the index's byte cap: refused there (counted), the copy freed
             try:
                 owner = await self._kv_owner()
-                refs = await asyncio.wait_for(owner.put.remote(packed), timeout)
+                # not awaited here: the index call takes the put's result ([ref]) as an argument,
+                # so Ray starts it once the put is done (one round trip from here, not two)
+                refs = owner.put.remote(packed)
+                return await self.index.call("register_ref", key, vec, ids, refs, nbytes, exact, tenant, depth,
+                                             self.replica, uid, timeout=timeout)
             except Exception as e:  # noqa: BLE001 - an optimisation: the index actor can still store it
                 self._owner = None
                 self.counters["kv_owner_errors"] += 1
-                logger.warning("the node's KV owner failed (%s: %s): the index actor stores %s", type(e).__name__,
-                               e, key)
-            else:
-                return await self.index.call("register_ref", key, vec, ids, refs, nbytes, exact, tenant, depth,
-                                             self.replica, uid, timeout=timeout)
+                logger.warning("registering %s through the node's KV owner failed (%s: %s): the index actor "
+                               "stores it", key, type(e).__name__, e)
         return await self.index.call("register", key, vec, ids, packed, tenant, depth, exact, self.replica, uid,
                                      timeout=timeout)
 
-    def start_kv_owner(self, timeout: float = 120.0) -> None:
-        """Constructor: create / resolve this node's KV owner and wait until it runs, so its
-        process start-up (seconds: it imports the package) never falls on a registration."""
+    def start_kv_owner(self, timeout: float = 120.0) -> str:
+        """Constructor: decide who puts registrations (``kv_owner``; auto: this node's owner
+        only if the index actor runs on another node, where its put would copy the KV across
+        the network) and, for the owner, create it and wait until it runs, so its process
+        start-up (seconds: it imports the package) never falls on a registration."""
         ns = self.index.known_namespace
-        if not self.args.kv_owner_per_node or ns is None:
-            return
-        try:
-            owner = get_or_create_kv_owner(self.args.index_name, ns, ray.get_runtime_context().get_node_id())
-            ray.get(owner.node_id.remote(), timeout=timeout)
-            self._owner = owner
-        except Exception as e:  # noqa: BLE001 - registrations resolve it again, or fall back
-            logger.warning("KV owner not available at start-up (%s: %s)", type(e).__name__, e)
+        mode = self.args.kv_owner
+        me = ray.get_runtime_context().get_node_id()
+        if mode == "auto":
+            try:
+                index_node = ray.get(self.index.resolve_now().ping.remote(), timeout=timeout).get("node_id")
+            except Exception as e:  # noqa: BLE001 - unknown: the owner never costs a cross-node copy
+                logger.warning("index actor not reachable at start-up (%s: %s)", type(e).__name__, e)
+                index_node = None
+            mode = "index" if index_node == me else "node"
+        self._owner_mode = mode
+        if mode == "node" and ns is not None:
+            try:
+                owner = get_or_create_kv_owner(self.args.index_name, ns, me)
+                ray.get(owner.node_id.remote(), timeout=timeout)
+                self._owner = owner
+            except Exception as e:  # noqa: BLE001 - registrations resolve it again, or fall back
+                logger.warning("KV owner not available at start-up (%s: %s)", type(e).__name__, e)
+        logger.info("registrations are stored by %s", "this node's KV owner" if mode == "node" else
+                    "the index actor (it runs on this node)")
+        return mode
 
     async def _kv_owner(self):
         if self._owner is None:
@@ -463,5 +481,5 @@ class ReusePath:
 
     def stats(self) -> dict:
         ms = sorted(self.register_ms)
-        return {**self.counters, "hot": self.hot.stats(), "pending": len(self._pending),
+        return {**self.counters, "hot": self.hot.stats(), "pending": len(self._pending), "kv_owner": self._owner_mode,
                 "register_ms_p50": ms[len(ms) // 2] if ms else None}

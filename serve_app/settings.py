@@ -116,9 +116,12 @@ class AppArgs(BaseModel):
     affinity_imbalance_threshold: int = Field(2, ge=0, description="leave the hot replica when its queue "
                                               "exceeds the least-loaded replica's by more than this")
     register_timeout_s: float = Field(10.0, gt=0, description="registration is awaited before the final event")
-    kv_owner_per_node: bool = Field(True, description="a registration's KV goes to an owner actor on the "
-                                    "replica's own node (serve_app/kv_owner.py) and only its ref to the index "
-                                    "actor; False: the index actor copies the KV itself (crosses nodes)")
+    kv_owner: Literal["auto", "node", "index"] = Field("auto", description="who puts a registration's KV "
+                                                       "in the object store: node = an owner actor on the "
+                                                       "replica's own node (serve_app/kv_owner.py; only the ref "
+                                                       "goes to the index, nothing crosses nodes); index = the "
+                                                       "index actor (one call fewer); auto = node when the index "
+                                                       "actor runs on another node, else index")
     max_reuse_depth: int = Field(2, ge=0, description="entries derived from approximate KV at most this deep")
     depth_cap_policy: Literal["skip", "refresh"] = Field("refresh", description="past max_reuse_depth: register "
                                                          "an exact prefill instead (after decoding), or do not "

@@ -40,7 +40,7 @@ def dp(server):
     import ray
     from ray import serve
 
-    a, b = _deploy("dp-a"), _deploy("dp-b", warmup=False)
+    a, b = _deploy("dp-a", kv_owner="node"), _deploy("dp-b", warmup=False)
     try:
         yield a, b
     finally:
@@ -151,7 +151,8 @@ def test_evicted_entries_leave_the_object_store_though_a_replica_fetched_them(dp
         assert _gen(a, prompts[i], f"e{i}")["store_key"] == f"e{i}"
     held = _index_stats()["bytes"]
     assert held > 100_000
-    # the KV went to this node's owner actor, and only its ref to the index (no fallback)
+    # dp-a (kv_owner: node): the KV went to this node's owner actor, only its ref to the
+    # index (no fallback); dp-b (auto) shares the node with the index: the index puts
     import ray
 
     from serve_app.kv_owner import owner_name
@@ -159,7 +160,8 @@ def test_evicted_entries_leave_the_object_store_though_a_replica_fetched_them(dp
     owner = ray.get_actor(owner_name(DP_INDEX, ray.get_runtime_context().get_node_id()), namespace=DP_NS)
     assert ray.get(owner.node_id.remote(), timeout=30) == ray.get_runtime_context().get_node_id()
     reuse = a.info.remote().result(timeout_s=30)["reuse"]
-    assert reuse["registered"] == 2 and reuse["kv_owner_errors"] == 0, reuse
+    assert reuse["kv_owner"] == "node" and reuse["registered"] == 2 and reuse["kv_owner_errors"] == 0, reuse
+    assert b.info.remote().result(timeout_s=30)["reuse"]["kv_owner"] == "index"
     for i in (0, 1):
         done = _gen(b, prompts[i])
         assert done["cache_hit"] and done["cache_tier"] == "cold" and done["ref_key"] == f"e{i}", done

@@ -83,8 +83,8 @@ def _store_and_shm(group: dict) -> tuple[int, dict]:
 
 
 def test_index_actor_pinned_to_the_head_and_kv_stores_where_it_is_produced():
-    """The index actor (metadata) on the head; with ``kv_owner_per_node`` (the default) the
-    KV of a registration stays in its GPU pod's store, so each GPU pod's store (and shm)
+    """The index actor (metadata) on the head; with ``kv_owner: auto`` (the default: the
+    index is on another node than every replica) the KV of a registration stays in its GPU pod's store, so each GPU pod's store (and shm)
     holds ``index_max_bytes`` plus room in flight; the head's only takes the fallback."""
     import json
 
@@ -92,11 +92,11 @@ def test_index_actor_pinned_to_the_head_and_kv_stores_where_it_is_produced():
 
     m = manifest()
     a = resolve_args(app_args(yaml.safe_load(m["spec"]["serveConfigV2"])))
-    assert a.kv_owner_per_node
     rc = m["spec"]["rayClusterConfig"]
     head, (gpu,) = rc["headGroupSpec"], rc["workerGroupSpecs"]
     # KubeRay passes `resources` to `ray start --resources` as a quoted JSON string
     head_res = json.loads(json.loads(head["rayStartParams"]["resources"]))
+    assert a.kv_owner in ("auto", "node") and head["rayStartParams"]["num-cpus"] == "0"  # no replica by the index
     assert "resources" not in gpu["rayStartParams"]
     demands = set()
     for group in (head, gpu):
