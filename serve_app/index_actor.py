@@ -429,6 +429,20 @@ class _Holder:
         return [ray.put(np.zeros(max(1, min(int(nbytes), 1 << 20)), dtype=np.uint8))]
 
 
+PUT_NICE = int(os.environ.get("SEMSHARE_INDEX_PUT_NICE", "19"))
+
+
+def _yield_cpu() -> None:
+    """A put thread's start: lower its own priority (Linux: per-thread nice), so that when the
+    cores are busy the event loop's lookups run before a registration's copy."""
+    if PUT_NICE <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUT_NICE)
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed: the copy keeps its priority
+        logger.info("index put thread keeps its priority: %s", e)
+
+
 class AsyncKVIndex:
     """The actor's class: :class:`KVIndex` behind an asyncio event loop, so that lookups never
     queue behind registrations.
@@ -448,7 +462,8 @@ class AsyncKVIndex:
     def __init__(self, *args, put_threads: Optional[int] = None, **kwargs):
         self.core = KVIndex(*args, **kwargs)
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(put_threads or self.PUT_THREADS, thread_name_prefix="index-put")
+        self._pool = ThreadPoolExecutor(put_threads or self.PUT_THREADS, thread_name_prefix="index-put",
+                                        initializer=_yield_cpu)
 
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))

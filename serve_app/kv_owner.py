@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 class _KVOwner:
     """The actor's class (plain, so the put is testable): owns what it ``put``s."""
 
+    def __init__(self):
+        from .index_actor import _yield_cpu
+
+        _yield_cpu()  # its copies yield the cores to lookups and model steps (this thread runs them)
+
     def put(self, packed: PackedKV) -> list:
         """``[ref]`` to a copy of ``packed`` in this node's object store, owned by this actor."""
         if not isinstance(packed, PackedKV):
