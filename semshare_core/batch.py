@@ -101,16 +101,12 @@ class SeqKV:
             self.positions[l] = new
 
     def append(self, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one row (``[1, H, D]``, or ``[1, H, 1, D]``) at layer ``l``, position ``self.position``."""
+        """Append one row (``[1, H, D]``) at layer ``l``, position ``self.position``."""
         n = self.lengths[l]
         if n == self.keys[l].shape[2]:
             self._grow(l)
-        if k.dim() == 3:  # select: one view op (a [:, :, n] index makes three)
-            self.keys[l].select(2, n).copy_(k)
-            self.values[l].select(2, n).copy_(v)
-        else:
-            self.keys[l].narrow(2, n, 1).copy_(k)
-            self.values[l].narrow(2, n, 1).copy_(v)
+        self.keys[l].select(2, n).copy_(k)  # select: one view op (a [:, :, n] index makes three)
+        self.values[l].select(2, n).copy_(v)
         if self.sparse:
             self.positions[l][n] = self.position
         self.lengths[l] = n + 1

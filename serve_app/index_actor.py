@@ -1,9 +1,10 @@
 """`IndexActor`: the one shared semantic index, holding a ref to every cached KV object.
 
-A named, detached Ray actor wrapping :class:`semshare_core.SemanticIndex`. By default a
-replica's KV is put by the :class:`~serve_app.kv_owner.KVOwner` of the replica's node and
-only its ref reaches the index (``register_ref``: no copy here). ``register`` is the
-fallback: the replica hands the :class:`~semshare_core.PackedKV` itself, and the actor
+A named, detached Ray actor wrapping :class:`semshare_core.SemanticIndex`. Where the
+replica runs on another node than this actor (``kv_owner: auto``), its KV is put by the
+:class:`~serve_app.kv_owner.KVOwner` of the replica's node and only its ref reaches the
+index (``register_ref``: no copy here). Otherwise (and as the fallback) the replica hands
+the :class:`~semshare_core.PackedKV` to ``register`` itself, and the actor
 ``ray.put``s it, so the object's owner is the actor, not the replica (an object put by a
 replica dies with that replica: ``OwnerDiedError``). Entry payloads are the
 ``ObjectRef``s; eviction / removal drops the ref and the object store frees the bytes
@@ -85,6 +86,7 @@ class KVIndex:
         self.index = SemanticIndex(dim, max_items=max_items, max_bytes=max_bytes,
                                    tenant_max_items=tenant_max_items, tenant_max_bytes=tenant_max_bytes)
         self.started = time.time()
+        self._node_id: Optional[str] = None  # where the actor runs (ping reports it)
         self.counters = {"lost_objects": 0, "corrupt_objects": 0, "mismatched_objects": 0, "reuse_errors": 0,
                          "registered": 0, "rejected": 0, "injected_faults": 0,
                          "dead_holders": 0, "dropped_hot": 0, "late_hot_refused": 0}
@@ -413,12 +415,10 @@ class KVIndex:
         return _audit({"index_bytes": self.index.nbytes, "entries": list(self.index.entries())})
 
     def ping(self) -> dict:
-        try:
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        except Exception:  # noqa: BLE001 - informational
-            node = None
+        if self._node_id is None and ray.is_initialized():  # an actor never moves: read once
+            self._node_id = ray.get_runtime_context().get_node_id()
         return {"ok": True, "entries": len(self.index), "uptime_s": round(time.time() - self.started, 3),
-                "node_id": node}
+                "node_id": self._node_id}
 
 
 @ray.remote(num_cpus=0)
@@ -432,7 +432,7 @@ class _Holder:
 PUT_NICE = int(os.environ.get("SEMSHARE_INDEX_PUT_NICE", "19"))
 
 
-def _yield_cpu() -> None:
+def lower_thread_priority() -> None:
     """A put thread's start: lower its own priority (Linux: per-thread nice), so that when the
     cores are busy the event loop's lookups run before a registration's copy."""
     if PUT_NICE <= 0:
@@ -463,7 +463,7 @@ class AsyncKVIndex:
         self.core = KVIndex(*args, **kwargs)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(put_threads or self.PUT_THREADS, thread_name_prefix="index-put",
-                                        initializer=_yield_cpu)
+                                        initializer=lower_thread_priority)
 
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))

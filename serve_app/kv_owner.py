@@ -7,8 +7,9 @@ actor's own ``ray.put``. When the index actor sat on another node, the first of 
 also crossed the network, and the second copy ran in the index actor's process, next
 to every lookup.
 
-Now the replica hands the KV to the ``KVOwner`` on its *own* node (named per node, pinned
-there with a hard node affinity). The owner ``ray.put``s it, so the object lives in that
+With ``kv_owner: node`` (``auto`` picks it when the index actor runs on another node) the
+replica hands the KV to the ``KVOwner`` on its *own* node (named per node, pinned there
+with a hard node affinity). The owner ``ray.put``s it, so the object lives in that
 node's store and is owned by a long-lived actor, not by the replica. Only the
 ``ObjectRef`` goes on to the index actor (``register_ref``): a few hundred bytes, no
 copy. Per registration: two copies on the replica's node, none across nodes. A replica
@@ -32,6 +33,8 @@ import ray
 
 from semshare_core import PackedKV
 
+from .index_actor import lower_thread_priority
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,9 +42,7 @@ class _KVOwner:
     """The actor's class (plain, so the put is testable): owns what it ``put``s."""
 
     def __init__(self):
-        from .index_actor import _yield_cpu
-
-        _yield_cpu()  # its copies yield the cores to lookups and model steps (this thread runs them)
+        lower_thread_priority()  # its copies yield the cores to lookups and model steps (this thread runs them)
 
     def put(self, packed: PackedKV) -> list:
         """``[ref]`` to a copy of ``packed`` in this node's object store, owned by this actor."""

@@ -104,7 +104,8 @@ class IndexClient:
 
     def resolve_now(self):
         """Synchronous (start-up): create / resolve the actor so the first request does not wait."""
-        self._handle = self._resolve()
+        if self._handle is None:
+            self._handle = self._resolve()
         return self._handle
 
     async def handle(self):
