@@ -429,16 +429,19 @@ class _Holder:
         return [ray.put(np.zeros(max(1, min(int(nbytes), 1 << 20)), dtype=np.uint8))]
 
 
-PUT_NICE = int(os.environ.get("SEMSHARE_INDEX_PUT_NICE", "19"))
+PUT_NICE_ENV = "SEMSHARE_INDEX_PUT_NICE"
 
 
 def lower_thread_priority() -> None:
-    """A put thread's start: lower its own priority (Linux: per-thread nice), so that when the
-    cores are busy the event loop's lookups run before a registration's copy."""
-    if PUT_NICE <= 0:
+    """A put thread's start: with ``SEMSHARE_INDEX_PUT_NICE=n`` (1-19; unset or 0: off, the
+    default) lower its own priority (Linux: per-thread nice), so that when the cores are busy
+    the event loop's lookups run before a registration's copy. Off by default: a response
+    waits for its registration, and on a busy CPU box a low-priority copy delays it."""
+    nice = int(os.environ.get(PUT_NICE_ENV) or 0)
+    if nice <= 0:
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUT_NICE)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(nice, 19))
     except (AttributeError, OSError) as e:  # not Linux, or not allowed: the copy keeps its priority
         logger.info("index put thread keeps its priority: %s", e)
 

@@ -42,7 +42,7 @@ class _KVOwner:
     """The actor's class (plain, so the put is testable): owns what it ``put``s."""
 
     def __init__(self):
-        lower_thread_priority()  # its copies yield the cores to lookups and model steps (this thread runs them)
+        lower_thread_priority()  # SEMSHARE_INDEX_PUT_NICE: its copies (this thread runs them) yield the cores
 
     def put(self, packed: PackedKV) -> list:
         """``[ref]`` to a copy of ``packed`` in this node's object store, owned by this actor."""
