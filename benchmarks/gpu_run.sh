@@ -19,7 +19,8 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 if [[ "${SMOKE:-0}" == "1" ]]; then
   COMMON=(--model llama3-8b-random --model-shape small --device cpu --dtype float32 --threads 1 --jsonl --no-progress)
-  RUN1=(--lengths 64,128 --edits replace --ratios 0.3 --new-tokens 2 --reps 1 --memory-length 128 --budget-s 60)
+  RUN1=(--lengths 64,128 --edits replace --ratios 0.3 --new-tokens 2 --reps 1 --memory-length 128 --budget-s 60
+        --sweep benchmarks/sweeps/gpu.yaml)
   RUN2=(--lengths 128 --edits replace --ratios 0.3 --new-tokens 2 --reps 1 --memory-retentions 1.0 --budget-s 30
         --methods full,semshare --sweep benchmarks/sweeps/gpu-staging.yaml)
   T1=120 T2=90

@@ -59,6 +59,15 @@ class SemShareConfig:
         tokens 10% of rows cost 13 ms in one masked call, 9 ms in 8 chunks, SmolLM2 bf16,
         1 thread), 1 on an accelerator (on an H200 the extra launches cost more than they
         save).
+        ``row_bucket``: layers >= 1 recompute a multiple of this many rows (or the whole
+        prompt): the budget is rounded up, and rows past the forced and context-affected
+        ones are filled with the best-scored unchanged rows (recomputing a row is always
+        exact, so this only adds work). Row counts then come from a small fixed set, and
+        a layer keeps the previous layer's rows until its budget drops a whole bucket,
+        which is what an accelerator needs to capture the per-layer loop (CUDA graphs,
+        ``torch.compile``) with few shapes. Default 1 (no rounding): on a CPU extra rows
+        only cost time, and the capture itself is not built yet (benchmarks/gpu_run.sh
+        measures 64 against 1 when a GPU is lent).
         ``selection``: which rows fill the budget after layer 0: ``deviation`` (layer-1
         K/V deviation), ``attention`` (attention of the prompt's last queries at layer 1),
         ``blend`` (their product), ``random`` / ``positional`` (controls). Forced rows
@@ -127,6 +136,7 @@ class SemShareConfig:
     forced_in_budget: bool = False
     deviation_tol: float = 1e-3
     attention_chunks: int = 0
+    row_bucket: int = 1
     selection: str = "deviation"
     window: int = 8
     retention: float = 1.0
@@ -160,6 +170,7 @@ class SemShareConfig:
             check(0.0 <= v <= 1.0 and not math.isnan(v), f"{name} must be in [0, 1], got {v}")
         check(self.recompute_min_tokens >= 0, f"recompute_min_tokens must be >= 0, got {self.recompute_min_tokens}")
         check(0 <= self.attention_chunks <= 64, "attention_chunks must be in [0, 64] (0 = auto)")
+        check(1 <= self.row_bucket <= 4096, f"row_bucket must be in [1, 4096], got {self.row_bucket}")
         check(0.0 <= self.deviation_tol < 1.0, f"deviation_tol must be in [0, 1), got {self.deviation_tol}")
         check(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check(0.0 < self.recompute_decay <= 1.0, "recompute_decay must be in (0, 1]")
@@ -198,6 +209,10 @@ class SemShareConfig:
         if self.attention_chunks:
             return self.attention_chunks
         return 8 if device.type == "cpu" else 1
+
+    def bucketed(self, k: int, n: int, bucket: int) -> int:
+        """``k`` rows rounded up to a multiple of ``bucket``, at most ``n``."""
+        return min(n, -(-k // bucket) * bucket) if bucket > 1 else k
 
     def recompute_share(self, layer: int) -> float:
         """Share of prompt tokens recomputed at decoder layer ``layer`` (>= 1)."""

@@ -227,22 +227,32 @@ def selection_score(rule: str, probe: Probe, n: int, seed: int) -> torch.Tensor:
 
 
 def _select(score: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, k: int,
-            n_forced: int | None = None, n_eligible: int | None = None) -> torch.Tensor:
+            n_forced: int | None = None, n_eligible: int | None = None, fill: bool = False) -> torch.Tensor:
     """Sorted positions (into the current rows) to keep: all ``forced``, then the best-scored candidates.
 
     ``k`` is the budget; forced rows count inside it (they exceed it only when there
     are more forced rows than ``k``). Non-candidates (unchanged context) are never kept
-    unless forced. ``n_forced`` / ``n_eligible`` (forced rows; forced-or-candidate rows)
-    may be given by a caller that knows them, so the call reads nothing back from the
-    device (no host sync on an accelerator).
+    unless forced, or unless ``fill``: then exactly ``min(max(k, forced), rows)`` rows are
+    kept, non-candidates (best-scored first) after every candidate (``row_bucket``).
+    ``n_forced`` / ``n_eligible`` (forced rows; forced-or-candidate rows) may be given by
+    a caller that knows them, so the call reads nothing back from the device (no host
+    sync on an accelerator).
     """
     candidate = candidate | forced
     n_forced = int(forced.sum()) if n_forced is None else n_forced
-    n_eligible = int(candidate.sum()) if n_eligible is None else n_eligible
+    if fill:
+        n_eligible = int(score.numel())
+    elif n_eligible is None:
+        n_eligible = int(candidate.sum())
     k = min(max(k, n_forced), n_eligible)
     if k >= score.numel():
         return torch.arange(score.numel(), device=score.device)
-    ranked = score.float().masked_fill(forced, float("inf")).masked_fill(~candidate, float("-inf"))
+    s = score.float()
+    ranked = s.masked_fill(forced, float("inf"))
+    if fill:  # fillers rank below every candidate: shift them by more than the scores' spread
+        ranked = torch.where(candidate, ranked, s - (2 * s.abs().amax() + 1))
+    else:
+        ranked = ranked.masked_fill(~candidate, float("-inf"))
     return torch.sort(torch.topk(ranked, k).indices).values
 
 
@@ -291,12 +301,16 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
 
     probe_ok = L > 1 and _probe_supported(layers[1])
     chunks = cfg.chunks_for(dev)
+    bucket = cfg.row_bucket
+    fill = bucket > 1
     plan, pe = plan_for(rows)
     with selective_attention(model, recorder) as attention, feed:
         feed.stage(0)
         feed.stage(1)
         for l, layer in enumerate(layers):
             k = cfg.layer_budget(l + 1, n, n_forced) if l + 1 < L else 0
+            if fill and l >= 1:  # whole buckets (or every row left): layer 1's rows were bucketed
+                k = cfg.bucketed(min(max(k, n_forced), int(rows.numel())), n, bucket)
             shrink_by_deviation = l >= 1 and rule == "deviation" and k < rows.numel()
             cache.rows, cache.full = rows, rows.numel() == n
             cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)
@@ -319,12 +333,15 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
                     rule = "deviation" if rule in ("attention", "blend") else rule
                 score = selection_score(rule, probe, n, cfg.seed)
                 candidate = probe.deviation >= cfg.deviation_tol
-                keep = _select(score, candidate, forced_all, k, n_forced)  # the hit's one read-back
+                if fill:  # round the rows worth recomputing up to whole buckets, not the budget
+                    eligible = int((candidate | forced_all).sum())  # the hit's one read-back
+                    k = cfg.bucketed(min(max(k, n_forced), eligible), n, bucket)
+                keep = _select(score, candidate, forced_all, k, n_forced, fill=fill)  # (or this one's)
             elif k < rows.numel():
                 # every kept row is forced or a candidate, and every forced row is kept: both
                 # counts are known here, so a deeper layer's selection never waits on the device
                 current = cache.deviation if shrink_by_deviation else score[rows]
-                keep = _select(current, candidate[rows], forced_all[rows], k, n_forced, int(rows.numel()))
+                keep = _select(current, candidate[rows], forced_all[rows], k, n_forced, int(rows.numel()), fill)
             else:
                 continue
             if keep.numel() < rows.numel():
