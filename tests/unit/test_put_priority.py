@@ -1,9 +1,8 @@
 """Registration copies can yield the CPU to lookups (issue 16: lookups under write load).
 
-With ``SEMSHARE_INDEX_PUT_NICE`` set, the index actor's put threads and a KV owner's
-execution thread lower their own priority (Linux per-thread nice): on a busy box the event
-loop's lookups run before a registration's copy. Off by default (a response waits for its
-registration)."""
+The index actor's put threads and a KV owner's execution thread lower their own priority
+(Linux per-thread nice, ``SEMSHARE_INDEX_PUT_NICE``, default 19; 0 turns it off): on a busy
+box the event loop's lookups run before a registration's copy."""
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +24,10 @@ def test_the_index_put_thread_runs_at_a_lower_priority_than_its_loop(monkeypatch
 
     loop_nice = _nice()
     monkeypatch.delenv(PUT_NICE_ENV, raising=False)
-    assert asyncio.run(AsyncKVIndex(8, 4, 1 << 20)._in_thread(_nice)) == loop_nice  # off by default
-    monkeypatch.setenv(PUT_NICE_ENV, "19")
+    assert asyncio.run(AsyncKVIndex(8, 4, 1 << 20)._in_thread(_nice)) == max(19, loop_nice)  # on by default
+    monkeypatch.setenv(PUT_NICE_ENV, "0")
+    assert asyncio.run(AsyncKVIndex(8, 4, 1 << 20)._in_thread(_nice)) == loop_nice  # 0: off
+    monkeypatch.setenv(PUT_NICE_ENV, "not-a-number")  # a typo keeps the default, it does not break puts
     assert asyncio.run(AsyncKVIndex(8, 4, 1 << 20)._in_thread(_nice)) == max(19, loop_nice)
     assert _nice() == loop_nice  # the caller's own thread is untouched
 
