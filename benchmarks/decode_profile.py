@@ -67,9 +67,35 @@ def measure(engine, context: int, batch: int, steps: int, rounds: int, seed: int
                 batch_step(engine.model, seqs, toks)
     rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     med = statistics.median(per_round)
+    shares = classify(rows)
+    total_ms = sum(t for _, t in rows) / 1e3 / steps  # profiled self time per step
     return {"context": context, "batch": batch, "step_ms": round(med, 2),
             "step_ms_min": round(min(per_round), 2), "step_ms_max": round(max(per_round), 2),
-            "ms_per_token": round(med / batch, 2), "shares": classify(rows)}
+            "ms_per_token": round(med / batch, 2), "shares": shares,
+            "linear_ms": round(shares["linear"] * total_ms, 2), "attention_ms": round(shares["attention"] * total_ms, 2)}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every ``nn.Linear`` weight (what a decode step streams from memory; LM head included)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def kv_bytes(engine, context: int, batch: int) -> int:
+    """Bytes of the K and V rows a decode step reads: ``batch`` requests of ``context`` rows."""
+    sig = engine.signature
+    return batch * context * sig.num_layers * 2 * sig.num_kv_heads * sig.head_dim * engine.dtype.itemsize
+
+
+def read_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
+    """This thread's memory read bandwidth (GB/s): median of ``reps`` sums over a tensor far larger than the caches."""
+    x = torch.ones(mb << 19, dtype=torch.bfloat16)  # mb MiB
+    x.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return round(x.numel() * x.element_size() / statistics.median(times) / 1e9, 2)
 
 
 def markdown(res: dict) -> str:
@@ -85,6 +111,19 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['context']} | {r['batch']} | {r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']}) | "
                      f"{r['ms_per_token']} | {s['linear']:.0%} | {s['attention']:.0%} | {s['kv_append']:.0%} | "
                      f"{s['other']:.0%} |")
+    if res.get("read_gbs"):
+        lines += ["", f"Against memory bandwidth: this thread reads {res['read_gbs']} GB/s (sum over a 256 MiB "
+                  f"tensor, median of 5, before the runs). A step streams {res['weight_mb']} MB of linear weights; "
+                  "attention reads each request's K and V rows.", "",
+                  "| context | batch | linear ms | weights GB/s | attention ms | KV MB | KV GB/s |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in res["runs"]:
+            if not r.get("linear_ms"):
+                continue
+            kv = r["kv_mb"]
+            att = f"{kv / r['attention_ms']:.1f}" if r.get("attention_ms") else "-"
+            lines.append(f"| {r['context']} | {r['batch']} | {r['linear_ms']} | "
+                         f"{res['weight_mb'] / r['linear_ms']:.1f} | {r['attention_ms']} | {kv} | {att} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,15 +146,17 @@ def main(argv=None) -> int:
     lm = load_smollm2()
     engine = SemShareEngine(lm.model, lm.tokenizer, prepack=not a.no_prepack)
     before = [round(x, 2) for x in os.getloadavg()]
+    read_gbs = read_bandwidth_gbs()
     runs = []
     for ctx in a.contexts:
         for b in a.batches:
             runs.append(measure(engine, ctx, b, a.steps, a.rounds))
+            runs[-1]["kv_mb"] = round(kv_bytes(engine, ctx, b) / 1e6, 1)
             print(runs[-1], flush=True)
     res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": str(engine.dtype).replace("torch.", ""),
            "threads": a.threads, "prepacked": engine.prepacked, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "loadavg": [before, [round(x, 2) for x in os.getloadavg()]], "steps": a.steps, "rounds": a.rounds,
-           "runs": runs}
+           "read_gbs": read_gbs, "weight_mb": round(weight_bytes(lm.model) / 1e6, 1), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=1))
     (RESULTS / f"{a.name}.md").write_text(markdown(res))

@@ -1,7 +1,7 @@
 """The decode profile's op classification (no model needed) and one tiny measured run."""
 from __future__ import annotations
 
-from benchmarks.decode_profile import classify, markdown, measure
+from benchmarks.decode_profile import classify, kv_bytes, markdown, measure, weight_bytes
 
 
 def test_classify_shares_add_up_and_sort_ops():
@@ -19,3 +19,9 @@ def test_measure_runs_the_batched_step_on_a_tiny_model():
     md = markdown({"name": "t", "model": "m", "dtype": "float32", "threads": 1, "prepacked": 0, "machine": "x",
                    "loadavg": [], "steps": 2, "rounds": 2, "runs": [r]})
     assert "| 20 | 3 |" in md
+    eng = tiny_engine("llama")
+    r["kv_mb"] = round(kv_bytes(eng, 20, 3) / 1e6, 4)
+    assert weight_bytes(eng.model) > 0 and r["kv_mb"] > 0 and r["linear_ms"] >= 0
+    md = markdown({"name": "t", "model": "m", "dtype": "float32", "threads": 1, "prepacked": 0, "machine": "x",
+                   "loadavg": [], "steps": 2, "rounds": 2, "runs": [r], "read_gbs": 5.0, "weight_mb": 1.0})
+    assert "weights GB/s" in md
