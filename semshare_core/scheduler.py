@@ -326,6 +326,8 @@ class Scheduler:
     def _prefill_work(self) -> int:
         budget = self.config.max_step_tokens - len(self.running)
         used = 0
+        if len(self.prefilling) > 1:  # replays first: each costs one KV copy, not a prefill
+            self.prefilling.sort(key=lambda r: not (r._steps is None and self.replays(r)))  # stable
         while self.prefilling:
             r = self.prefilling[0]
             cost = self.unit_cost(r)
@@ -343,14 +345,26 @@ class Scheduler:
         self.counters["prefill_tokens"] += used
         return used
 
+    def replays(self, r: Request) -> bool:
+        """Whether ``r``'s prefill is a replay: a reference (or source) is the same prompt with
+        its last logits, as :meth:`SemShareEngine.prefill` checks (an identical repeat: one KV
+        copy, nothing computed)."""
+        refs = [r.reference] if r.reference is not None else list(r.sources or ())
+        cfg = r.config or self.engine.config
+        n = int(r.ids.size)
+        return bool(refs) and cfg.replay_exact and n >= cfg.min_reuse_tokens and any(
+            ref.last_logits is not None and ref.seq_len == n and np.array_equal(ref.token_ids, r.ids) for ref in refs)
+
     def unit_cost(self, r: Request) -> int:
         """Prompt tokens the next unit of ``r``'s prefill counts against ``max_step_tokens``:
         a full-prefill chunk its tokens; a hit a quarter of its prompt (at the default
-        schedule it recomputes ~25-30% of the rows); an identical-prompt replay 1."""
+        schedule it recomputes ~25-30% of the rows); an identical-prompt replay 1.
+        Replays also go first (:meth:`_prefill_work`), as SGLang's cache-aware order puts
+        the requests with the longest cached prefix first: an identical repeat waiting
+        behind hits and full prefills would otherwise wait seconds for a few ms of work."""
         n = int(r.ids.size)
         if r.reference is not None or r.sources:
-            ref = r.reference if r.reference is not None else r.sources[0]
-            if ref.last_logits is not None and ref.seq_len == n and np.array_equal(ref.token_ids, r.ids):
+            if self.replays(r):
                 return 1
             return max(1, n // 4)
         return min(self.config.prefill_chunk, n - r._prefilled_tokens)

@@ -303,3 +303,24 @@ def test_prepacked_bf16_linears_decode_exactly_like_stock_ones():
     big = torch.randn(1, MAX_PACKED_ROWS + 1, packed_model.config.hidden_size, dtype=torch.bfloat16)
     assert torch.equal(lin(big), torch.nn.functional.linear(big, lin.weight))
     assert stock.signature == fast.signature
+
+
+def test_an_identical_repeat_is_prefilled_before_the_prefills_ahead_of_it():
+    """Replays go first (one KV copy each): a repeat admitted behind two full prefills gets its
+    first token in the first step, and the others keep their order and tokens."""
+    engine = tiny_engine("llama")
+    doc = _ids(engine, 100, 10)
+    entry = engine.export_kv(engine.prefill(doc))
+    long1, long2 = _ids(engine, 0, 12), _ids(engine, 40, 12)
+    sched = Scheduler(engine, SchedulerConfig(max_running=4, max_step_tokens=64, prefill_chunk=32))
+    a, b, rep = Collector(), Collector(), Collector()
+    sched.submit(Request(long1, GenParams(max_new_tokens=4, stop_on_eos=False), a))
+    sched.submit(Request(long2, GenParams(max_new_tokens=4, stop_on_eos=False), b))
+    sched.submit(Request(doc, GenParams(max_new_tokens=4, stop_on_eos=False), rep, reference=entry))
+    assert sched.replays(sched._inbox[2]) and not sched.replays(sched._inbox[0])
+    sched.step()
+    assert rep.tokens and not a.tokens and not b.tokens  # the repeat first; the long prompts are still in chunks
+    assert rep.events[0][1].stats.recomputed_tokens == 0
+    _run(sched, [])
+    assert a.tokens == _reference_tokens(engine, long1, None, 4) and b.tokens == _reference_tokens(engine, long2, None, 4)
+    assert rep.tokens == _reference_tokens(engine, doc, entry, 4)
