@@ -104,19 +104,45 @@ class BodyReader:
     """Reads a request body under a size limit and a deadline, counting who is receiving.
 
     ``receiving`` is the number of requests whose body is still arriving; past
-    ``max_receiving`` a new one is refused (503) at once instead of waiting for a slot.
+    ``max_receiving`` a new one is refused (503) at once instead of waiting for a slot,
+    unless its whole body has already arrived (what a normal client sends: headers and
+    body together): such a request needs no slot, so clients that hold the pool with
+    trickling bodies never starve the others.
     """
+
+    WHOLE_GRACE_S = 0.1  # how long a request met by a full pool may take to show its body is all there
 
     def __init__(self, max_receiving: int, timeout_s: float):
         self.max_receiving, self.timeout_s = max_receiving, timeout_s
         self.receiving = 0
-        self.counters = {"body_timeouts": 0, "receiving_full": 0, "cancelled": 0}
+        self.counters = {"body_timeouts": 0, "receiving_full": 0, "cancelled": 0, "whole_past_full": 0}
 
     def full(self) -> bool:
         return self.receiving >= self.max_receiving
 
+    async def _arrived_whole(self, receive: Receive, limit: int) -> Optional[BodyOutcome]:
+        """The outcome if the body's first message is all of it (or a disconnect / over the
+        limit); None if more is still on its way (or nothing came within the grace)."""
+        try:
+            msg = await asyncio.wait_for(receive(), self.WHOLE_GRACE_S)
+        except asyncio.TimeoutError:
+            return None
+        if msg["type"] == "http.disconnect":
+            self.counters["cancelled"] += 1
+            return BodyOutcome(cancelled=True)
+        body = msg.get("body", b"")
+        if len(body) > limit:
+            return BodyOutcome(status=413, message=f"request body over {limit} bytes", code="body_too_large")
+        if msg.get("more_body", False):
+            return None
+        self.counters["whole_past_full"] += 1
+        return BodyOutcome(body=body)
+
     async def read(self, receive: Receive, limit: int) -> BodyOutcome:
         if self.full():
+            whole = await self._arrived_whole(receive, limit)
+            if whole is not None:
+                return whole
             self.counters["receiving_full"] += 1
             return BodyOutcome(status=503, message=f"too many requests still sending their body "
                                f"({self.receiving}); retry later", code="receiving_full")

@@ -1,6 +1,7 @@
 """serve_app.http_edge's proxy layer on a real uvicorn server (loopback, no Ray): the
 header-read deadline, header limits while the bytes arrive, the body deadline and the
-bounded receiving pool; a healthy request still answers while 100 clients trickle."""
+bounded receiving pool; a healthy request still answers while 100 clients trickle, and while
+the pool is full."""
 from __future__ import annotations
 
 import asyncio
@@ -158,6 +159,9 @@ def test_receiving_pool_is_bounded(edge_server):
         status, body = status_and_body(extra, 5)
         assert status == 503 and body["error"]["code"] == "receiving_full"
         extra.close()
+        # a normal request (headers and body together) needs no slot: the full pool does not starve it
+        r = httpx.post(f"http://127.0.0.1:{edge_server}/normal", content=b"a" * 1000, timeout=10)
+        assert r.status_code == 200 and r.json() == {"path": "/normal", "len": 1000}
     finally:
         for s in socks:
             s.close()
