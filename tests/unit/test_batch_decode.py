@@ -68,7 +68,8 @@ def test_batched_greedy_equals_batch_one_with_joins_and_leaves(arch, retention):
     variant = np.asarray(variant, dtype=np.int64)
     # (ids, reference, max_new_tokens, step at which it is submitted)
     plan = [(_ids(engine, 0, 3), None, 12, 0), (_ids(engine, 10, 9), None, 5, 0), (variant, ref, 9, 0),
-            (_ids(engine, 40, 1), None, 16, 2), (doc, ref, 7, 3), (_ids(engine, 60, 5), None, 3, 6)]
+            (_ids(engine, 40, 1), None, 16, 2), (doc, ref, 24, 3), (_ids(engine, 60, 5), None, 3, 6)]
+    # (the identical repeat of doc replays and is prefilled first: it decodes long enough to overlap)
     sched = Scheduler(engine, SchedulerConfig(max_running=8, max_step_tokens=64, prefill_chunk=32))
     sinks = [Collector() for _ in plan]
     reqs = [Request(ids, GenParams(max_new_tokens=n, stop_on_eos=False), sink, reference=r, config=cfg)
