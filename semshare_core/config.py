@@ -210,9 +210,10 @@ class SemShareConfig:
             return self.attention_chunks
         return 8 if device.type == "cpu" else 1
 
-    def bucketed(self, k: int, n: int, bucket: int) -> int:
-        """``k`` rows rounded up to a multiple of ``bucket``, at most ``n``."""
-        return min(n, -(-k // bucket) * bucket) if bucket > 1 else k
+    def bucketed(self, k: int, n: int) -> int:
+        """``k`` rows rounded up to a multiple of ``row_bucket``, at most ``n``."""
+        b = self.row_bucket
+        return min(n, -(-k // b) * b) if b > 1 else k
 
     def recompute_share(self, layer: int) -> float:
         """Share of prompt tokens recomputed at decoder layer ``layer`` (>= 1)."""

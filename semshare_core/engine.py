@@ -32,7 +32,7 @@ from .matching import ReferenceLSH, TokenMapping, map_tokens
 from .sources import SourceMapping, map_sources
 from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
-from .prefill import _probe_supported, decoder_layers, full_length_cache, full_prefill, selective_prefill
+from .prefill import full_length_cache, full_prefill, probe_runs, selective_prefill
 from .prepack import prepack_linears
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -543,7 +543,7 @@ class SemShareEngine:
             if self.planned_rows(n, int(f.sum()), cfg) >= n * L:
                 return self._full(ids, mapping_ms=(t1 - t0) * 1e3)
         # the probe reads layer 1's reused rows; layer 0 runs on every row and is never read
-        skip = 1 if (L > 1 and cfg.recompute_ratio < 1.0 and _probe_supported(decoder_layers(self.model)[1])) else 0
+        skip = 1 if probe_runs(self.model, cfg) else 0
         buf = self.gather_sources(sources, mapping, sources_kv, from_layer=skip)
         staging = "device" if any(kv is not None for kv in sources_kv) else (
             "cpu" if self.device.type == "cpu" else "whole")

@@ -163,6 +163,14 @@ def _heads(proj: torch.nn.Module, norm: torch.nn.Module | None, x: torch.Tensor,
     return h.transpose(1, 2)
 
 
+def probe_runs(model: torch.nn.Module, cfg: SemShareConfig) -> bool:
+    """Whether a hit ranks its rows with the layer-1 probe (then layer 0 runs on every row
+    and its reused K/V is never read): several layers, a Llama-style layer 1, a recompute
+    ratio below 1."""
+    layers = decoder_layers(model)
+    return cfg.recompute_ratio < 1.0 and len(layers) > 1 and _probe_supported(layers[1])
+
+
 def _probe_next_layer(model: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor,
                       buffers: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                       window: int, want_attention: bool) -> Probe | None:
@@ -300,8 +308,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
 
     probe_ok = L > 1 and _probe_supported(layers[1])
     chunks = cfg.chunks_for(dev)
-    bucket = cfg.row_bucket
-    fill = bucket > 1
+    fill = cfg.row_bucket > 1
     plan, pe = plan_for(rows)
     with selective_attention(model, recorder) as attention, feed:
         feed.stage(0)
@@ -309,7 +316,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
         for l, layer in enumerate(layers):
             k = cfg.layer_budget(l + 1, n, n_forced) if l + 1 < L else 0
             if fill and l >= 1:  # whole buckets (or every row left): layer 1's rows were bucketed
-                k = cfg.bucketed(min(max(k, n_forced), int(rows.numel())), n, bucket)
+                k = cfg.bucketed(min(max(k, n_forced), int(rows.numel())), n)
             shrink_by_deviation = l >= 1 and rule == "deviation" and k < rows.numel()
             cache.rows, cache.full = rows, rows.numel() == n
             cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)
@@ -334,7 +341,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
                 candidate = probe.deviation >= cfg.deviation_tol
                 if fill:  # round the rows worth recomputing up to whole buckets, not the budget
                     eligible = int((candidate | forced_all).sum())  # the hit's one read-back
-                    k = cfg.bucketed(min(max(k, n_forced), eligible), n, bucket)
+                    k = cfg.bucketed(min(max(k, n_forced), eligible), n)
                 keep = _select(score, candidate, forced_all, k, n_forced, fill=fill)  # (or this one's)
             elif k < rows.numel():
                 # every kept row is forced or a candidate, and every forced row is kept: both

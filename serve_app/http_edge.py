@@ -127,16 +127,10 @@ class BodyReader:
             msg = await asyncio.wait_for(receive(), self.WHOLE_GRACE_S)
         except asyncio.TimeoutError:
             return None
-        if msg["type"] == "http.disconnect":
-            self.counters["cancelled"] += 1
-            return BodyOutcome(cancelled=True)
-        body = msg.get("body", b"")
-        if len(body) > limit:
-            return BodyOutcome(status=413, message=f"request body over {limit} bytes", code="body_too_large")
-        if msg.get("more_body", False):
-            return None
-        self.counters["whole_past_full"] += 1
-        return BodyOutcome(body=body)
+        out = self._take(msg, [], 0, limit)
+        if out is not None and out.body is not None:
+            self.counters["whole_past_full"] += 1
+        return out
 
     async def read(self, receive: Receive, limit: int) -> BodyOutcome:
         if self.full():
@@ -165,20 +159,26 @@ class BodyReader:
             self.receiving -= 1
 
     async def _read(self, receive: Receive, limit: int) -> BodyOutcome:
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        received = 0
         while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                self.counters["cancelled"] += 1
-                logger.info("request cancelled: client disconnected while sending its body")
-                return BodyOutcome(cancelled=True)
-            body = msg.get("body", b"")
-            total += len(body)
-            if total > limit:
-                return BodyOutcome(status=413, message=f"request body over {limit} bytes", code="body_too_large")
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                return BodyOutcome(body=b"".join(chunks))
+            out = self._take(await receive(), chunks, received, limit)
+            if out is not None:
+                return out
+            received += len(chunks[-1])
+
+    def _take(self, msg: dict, chunks: list[bytes], received: int, limit: int) -> Optional[BodyOutcome]:
+        """One ``receive()`` message after ``received`` bytes (kept in ``chunks``): the outcome
+        once the body is complete, the client gone or the limit passed; None while more comes."""
+        if msg["type"] == "http.disconnect":
+            self.counters["cancelled"] += 1
+            logger.info("request cancelled: client disconnected while sending its body")
+            return BodyOutcome(cancelled=True)
+        body = msg.get("body", b"")
+        if received + len(body) > limit:
+            return BodyOutcome(status=413, message=f"request body over {limit} bytes", code="body_too_large")
+        chunks.append(body)
+        return None if msg.get("more_body", False) else BodyOutcome(body=b"".join(chunks))
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

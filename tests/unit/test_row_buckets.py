@@ -36,7 +36,8 @@ def _pair(tok):
 def test_the_default_is_unbucketed_and_the_rounding_is_whole_buckets():
     cfg = SemShareConfig()
     assert cfg.row_bucket == 1
-    assert cfg.bucketed(65, 1000, 64) == 128 and cfg.bucketed(65, 100, 64) == 100 and cfg.bucketed(7, 9, 1) == 7
+    b64 = SemShareConfig(row_bucket=64)
+    assert b64.bucketed(65, 1000) == 128 and b64.bucketed(65, 100) == 100 and cfg.bucketed(7, 9) == 7
     with pytest.raises(ValueError):
         SemShareConfig(row_bucket=0)
 
