@@ -10,6 +10,11 @@ if TYPE_CHECKING:
 
 SELECTIONS = ("deviation", "attention", "blend", "random", "positional")
 HOST_STAGINGS = ("auto", "layered", "whole")
+# attention_chunks = 0 on a CPU: one chunk per this many selected rows, at most CPU_MAX_CHUNKS
+# (best counts measured, SmolLM2 bf16, 1 thread, Xeon AMX: 100 rows 1, 200 rows 2,
+# 450 rows 4, 900 rows 4-6; a fixed 8 was 10-25% slower below ~500 rows)
+CPU_ROWS_PER_CHUNK = 110
+CPU_MAX_CHUNKS = 6
 
 
 @dataclass(frozen=True)
@@ -55,9 +60,11 @@ class SemShareConfig:
         applied at ``recompute_ratio`` 1.0, which recomputes everything.
         ``attention_chunks``: layers >= 1 attend for the selected rows in this many
         position-ordered chunks, each over only the keys it can see (same result, less
-        masked-out work; chunks of < 20 rows are merged). 0 = auto: 8 on a CPU (at ~2k
-        tokens 10% of rows cost 13 ms in one masked call, 9 ms in 8 chunks, SmolLM2 bf16,
-        1 thread), 1 on an accelerator (on an H200 the extra launches cost more than they
+        masked-out work; chunks of < 20 rows are merged). 0 = auto: on a CPU one chunk
+        per ~110 selected rows, 1 to 6 (:data:`CPU_ROWS_PER_CHUNK`: a fixed 8 chunks split
+        a 10% selection into chunks too small for the CPU flash kernel's query blocks;
+        per-rows chunks were 10-25% faster at 10-40% of 1k-2k rows, SmolLM2 bf16, 1
+        thread), 1 on an accelerator (on an H200 the extra launches cost more than they
         save).
         ``row_bucket``: layers >= 1 recompute a multiple of this many rows (or the whole
         prompt): the budget is rounded up, and rows past the forced and context-affected
@@ -204,11 +211,13 @@ class SemShareConfig:
             raise ValueError(f"SemShareConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
 
-    def chunks_for(self, device: "torch.device") -> int:
-        """Attention chunks to use on ``device`` (resolves ``attention_chunks = 0``)."""
+    def chunks_for(self, device: "torch.device", rows: int) -> int:
+        """Attention chunks for ``rows`` selected rows on ``device`` (resolves ``attention_chunks = 0``)."""
         if self.attention_chunks:
             return self.attention_chunks
-        return 8 if device.type == "cpu" else 1
+        if device.type != "cpu":
+            return 1
+        return max(1, min(CPU_MAX_CHUNKS, round(rows / CPU_ROWS_PER_CHUNK)))
 
     def bucketed(self, k: int, n: int) -> int:
         """``k`` rows rounded up to a multiple of ``row_bucket``, at most ``n``."""

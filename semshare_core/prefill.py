@@ -303,11 +303,11 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
 
     def plan_for(r: torch.Tensor):
         # the last token is always recomputed (window >= 1), so the last row is n - 1
-        return (RowPlan.build(r, n, chunks, sliding, last_row=n - 1, mask_dtype=hidden.dtype),
+        return (RowPlan.build(r, n, cfg.chunks_for(dev, int(r.numel())), sliding, last_row=n - 1,
+                              mask_dtype=hidden.dtype),
                 (cos[:, r], sin[:, r]))
 
     probe_ok = L > 1 and _probe_supported(layers[1])
-    chunks = cfg.chunks_for(dev)
     fill = cfg.row_bucket > 1
     plan, pe = plan_for(rows)
     with selective_attention(model, recorder) as attention, feed:

@@ -61,3 +61,14 @@ def test_retention_schedule_decays_with_depth():
     shares = [cfg.retention_share(l, 5) for l in range(5)]
     assert shares[0] == 1.0 and shares[-1] == pytest.approx(0.25) and shares == sorted(shares, reverse=True)
     assert SemShareConfig().retention_share(3, 5) == 1.0
+
+
+def test_auto_attention_chunks_follow_the_selected_rows():
+    from semshare_core.config import CPU_MAX_CHUNKS, CPU_ROWS_PER_CHUNK
+
+    cfg = SemShareConfig()
+    cpu = torch.device("cpu")
+    counts = [cfg.chunks_for(cpu, r) for r in (1, 50, 2 * CPU_ROWS_PER_CHUNK, 4 * CPU_ROWS_PER_CHUNK, 10_000)]
+    assert counts == [1, 1, 2, 4, CPU_MAX_CHUNKS]
+    assert cfg.chunks_for(torch.device("cuda"), 10_000) == 1  # one call on an accelerator
+    assert cfg.with_(attention_chunks=3).chunks_for(cpu, 10_000) == 3  # an explicit count wins
