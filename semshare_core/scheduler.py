@@ -35,6 +35,12 @@ keep it cheap, e.g. ``loop.call_soon_threadsafe``). Events, in order:
 * ``("error", exception)``: the request failed (``RequestRefused`` when it can never
   fit the budgets).
 
+With ``Request.early_first_token`` an identical repeat (a replay) gets its first ``token``
+at submit, from the stored logits, before ``prefilled``; the engine thread may be busy with
+another request's step for up to a second, and the replay needs nothing from it for that
+token. If such a request is cancelled or fails before its prefill, ``finished`` / ``error``
+follow that token without a ``prefilled``.
+
 A hit whose reuse path raises is retried at once as a full prefill; the exception is
 kept in ``Request.reuse_error`` (the server reports the entry).
 """
@@ -128,6 +134,7 @@ class Request:
     config: object = None
     sources: Optional[list] = None        # several references at once (PackedKV each), best first
     sources_kv: Optional[list] = None     # their device tensors (None where not on the device)
+    early_first_token: bool = False       # a replay's first token is sent at submit (see Scheduler.submit)
     id: int = field(default_factory=lambda: next(_ids))
     # filled in by the scheduler
     state: str = "new"           # waiting | prefilling | running | done
@@ -142,6 +149,7 @@ class Request:
     _gen: Optional[torch.Generator] = None
     _last: int = -1
     _prefilled_tokens: int = 0
+    _early: Optional[int] = None  # the first token, sampled and sent at submit
 
 
 @dataclass
@@ -187,7 +195,8 @@ class Scheduler:
 
     def submit(self, req: Request) -> None:
         """Queue ``req``. Raises :class:`RequestRefused` when it can never fit the KV budget
-        or the wait queue is full (retryable)."""
+        or the wait queue is full (retryable). With ``req.early_first_token``, a replay's first
+        token is sent from here (:meth:`_early_token`): keep the sink cheap."""
         budget = self.config.kv_budget_bytes
         need = self.reservation(req.ids.size, req.params.max_new_tokens)
         if budget is not None and need > budget:
@@ -199,9 +208,44 @@ class Scheduler:
                 self.counters["refused"] += 1
                 raise RequestRefused(f"{len(self.waiting) + len(self._inbox)} requests already wait", retryable=True)
             req.state, req.submitted_at, req.reserved = "waiting", time.perf_counter(), need
+            early = self._early_token(req) if req.early_first_token else None
+            if early is not None:  # sent before the engine thread can see the request: it comes first
+                self._send(req, ("token", early))
             self._inbox.append(req)
             self.counters["submitted"] += 1
             self._lock.notify()
+
+    def _early_token(self, r: Request) -> Optional[int]:
+        """A replay's first token, sampled now from its reference's stored last logits.
+
+        An identical repeat needs no compute for its first token, but the engine thread may
+        be in the middle of a step (a hit, a prefill chunk, a decode) for ~0.1-1 s; with
+        ``early_first_token`` the token leaves at submit instead. It is the token the replay
+        would sample (same logits, same seeded generator, drawn first); the KV copy and the
+        join to the decode batch follow at the next step. Events then come in the order
+        ``token``, ``prefilled``, ``token``... None (the usual order) when ``r`` does not
+        replay or its logits are unusable."""
+        if r.params.max_new_tokens < 1 or not self.replays(r):
+            return None
+        refs = [r.reference] if r.reference is not None else list(r.sources or ())
+        ref = next(x for x in refs if x.last_logits is not None and x.seq_len == r.ids.size
+                   and np.array_equal(x.token_ids, r.ids))
+        try:
+            self.engine.signature.check(ref.signature)
+        except Exception:  # noqa: BLE001 - the engine drops this reference and prefills: no early token
+            return None
+        logits = torch.from_numpy(np.array(ref.last_logits, dtype=np.float32)).reshape(-1)
+        if not bool(torch.isfinite(logits).all()):
+            return None
+        r._gen = self._generator(r)
+        tok = sample_token(logits, r.params.temperature, r.params.top_p, r._gen)
+        r._early, r._last, r.generated, r.first_token_at = tok, tok, 1, time.perf_counter()
+        return tok
+
+    @staticmethod
+    def _generator(r: Request) -> torch.Generator:
+        seed = r.params.seed if r.params.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+        return torch.Generator(device="cpu").manual_seed(seed)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request at the next step (its slot and KV are freed there)."""
@@ -402,12 +446,19 @@ class Scheduler:
         if r.params.max_new_tokens == 0:  # prefill only (e.g. an exact refresh for the index)
             self._finish(r, "length")
             return
-        seed = r.params.seed if r.params.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
-        r._gen = torch.Generator(device="cpu").manual_seed(seed)
-        tok = sample_token(pre.logits.cpu(), r.params.temperature, r.params.top_p, r._gen)
-        r.first_token_at = time.perf_counter()
-        if self._emit(r, tok):
-            return
+        if r._early is not None:  # the first token already left at submit: only its end conditions
+            if r.params.stop_on_eos and r._early in self.engine.eos_ids:
+                self._finish(r, "stop")
+                return
+            if r.generated >= r.params.max_new_tokens:
+                self._finish(r, "length")
+                return
+        else:
+            r._gen = self._generator(r)
+            tok = sample_token(pre.logits.cpu(), r.params.temperature, r.params.top_p, r._gen)
+            r.first_token_at = time.perf_counter()
+            if self._emit(r, tok):
+                return
         r._seq = self.engine.decode_state(pre)
         r.state = "running"
         self.running.append(r)

@@ -240,7 +240,8 @@ class SemShareServer:
                             reference=ready.packed if ready and not several else None,
                             reference_kv=ready.kv if ready and not several else None,
                             sources=[rd.packed for rd in readies] if several else None,
-                            sources_kv=[rd.kv for rd in readies] if several else None)
+                            sources_kv=[rd.kv for rd in readies] if several else None,
+                            early_first_token=True)
         self._ensure_metrics_task()
         try:
             self.scheduler.submit(sreq)
@@ -261,7 +262,18 @@ class SemShareServer:
     async def _stream(self, req: ReplicaRequest, sreq, events: asyncio.Queue, ids, vec, ref, readies, fallback, use,
                       t0: float, t_lookup: float) -> AsyncIterator[dict]:
         ready = readies[0] if readies else None
+        text = IncrementalDetokenizer(self.engine.tokenizer)  # linear in the output (TextStream re-decodes)
+        stops = StopMatcher(list(req.sampling.normalized().stop))
+        ttft_ms, n_out, last, finish = None, 0, None, None
+        last_yield = 0.0
         kind, pre = await events.get()
+        if kind == "token":  # an identical repeat's first token, sent at submit (Scheduler._early_token)
+            n_out, last = 1, pre
+            ttft_ms = (time.perf_counter() - t0) * 1e3
+            self.m_ttft.observe(ttft_ms)
+            yield token_event(pre, stops.feed(text.push(pre)), self.replica, [pre])
+            last_yield = time.perf_counter()
+            kind, pre = await events.get()
         if kind == "error":
             if isinstance(pre, (RequestRefused, MemoryError, torch.OutOfMemoryError)):  # retryable: 503
                 logger.warning("request refused before its prefill: %s: %s", type(pre).__name__, pre)
@@ -330,11 +342,10 @@ class SemShareServer:
             reg_task = self.reuse.spawn(self.reuse.register(key, vec, ids, req.tenant, depth, export))
         del pre
 
-        text = IncrementalDetokenizer(self.engine.tokenizer)  # linear in the output (TextStream re-decodes)
-        stops = StopMatcher(list(req.sampling.normalized().stop))
-        ttft_ms, n_out, last, finish = None, 0, None, None
         interval = self.args.stream_interval_ms / 1e3
-        last_yield = 0.0
+        if stops.stopped:  # the early first token already matched a stop string
+            finish = "stop"
+            self.scheduler.cancel(sreq.id)
         while finish is None:
             batch = [await events.get()]
             if interval and n_out and batch[0][0] == "token":  # group tokens: fewer stream items
@@ -394,8 +405,8 @@ class SemShareServer:
                 public, depth = None, None
         self.m_hot_bytes.set(self.reuse.hot.nbytes)
         timing = {"replica_ttft_ms": round(ttft_ms or 0.0, 3), "lookup_ms": round(t_lookup, 3),
-                  "queue_ms": round(((sreq.first_token_at or t0) - sreq.submitted_at) * 1e3
-                                    - stats.prefill_ms - stats.gather_ms - stats.mapping_ms, 3),
+                  "queue_ms": round(max(0.0, ((sreq.first_token_at or t0) - sreq.submitted_at) * 1e3
+                                        - stats.prefill_ms - stats.gather_ms - stats.mapping_ms), 3),
                   "kv_fetch_ms": round(ready.fetch_ms if ready else 0.0, 3),
                   "kv_check_ms": round(ready.check_ms if ready else 0.0, 3),
                   "kv_convert_ms": round(ready.convert_ms if ready else 0.0, 3),

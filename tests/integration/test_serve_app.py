@@ -207,6 +207,27 @@ def test_stop_strings(server):
     assert r["usage"]["completion_tokens"] <= 16
 
 
+def test_identical_repeat_streams_its_first_token_early_and_honours_stop_strings(server):
+    """An identical repeat's first token leaves at submit (a replay: the scheduler samples it from
+    the stored logits); the rest of the stream, and a stop string inside that first token, behave
+    as without it."""
+    p = passage(9)
+    first = server.gen(p, temperature=0, max_new_tokens=10, store_key="early-1")
+    server.wait_entries(1)
+    base = first["text"]
+    chars = [c for c in base if c != "\ufffd" and not c.isspace()]
+    if not chars:
+        pytest.skip(f"random model produced no usable text: {base!r}")
+    again = server.gen(p, temperature=0, max_new_tokens=10)
+    assert again["cache_hit"] is True and again["ref_key"] == "early-1" and again["text"] == base
+    assert again["usage"]["completion_tokens"] == 10 and 0 < again["timing"]["ttft_ms"] <= again["timing"]["total_ms"]
+    stop = chars[0]
+    cut = base.find(stop)
+    r = server.http.post("/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0,
+                                                  "stop": [stop]}).json()
+    assert r["choices"][0]["text"] == base[:cut] and r["choices"][0]["finish_reason"] == "stop"
+
+
 def test_stop_matcher_never_leaks_a_stop_prefix():
     from serve_app.llm_server import StopMatcher
 

@@ -325,3 +325,41 @@ def test_an_identical_repeat_is_prefilled_before_the_prefills_ahead_of_it():
     _run(sched, [])
     assert a.tokens == _reference_tokens(engine, long1, None, 4) and b.tokens == _reference_tokens(engine, long2, None, 4)
     assert rep.tokens == _reference_tokens(engine, doc, entry, 4)
+
+
+@pytest.mark.parametrize("params", [dict(), dict(temperature=0.9, top_p=0.8, seed=7)], ids=["greedy", "seeded"])
+def test_a_replay_sends_its_first_token_at_submit(params):
+    """``early_first_token``: an identical repeat's first token leaves from ``submit`` (no step
+    has run), then ``prefilled`` and the rest; the tokens are the ones the replay gives without
+    it, greedy or seeded. A request that does not replay keeps the usual order."""
+    engine = tiny_engine("llama")
+    doc = _ids(engine, 100, 10)
+    entry = engine.export_kv(engine.prefill(doc))
+    other = _ids(engine, 0, 6)
+    sched = Scheduler(engine, SchedulerConfig(max_running=4))
+    early, usual, miss = Collector(), Collector(), Collector()
+    gen = GenParams(max_new_tokens=6, stop_on_eos=False, **params)
+    sched.submit(Request(doc, gen, early, reference=entry, early_first_token=True))
+    assert [e[0] for e in early.events] == ["token"]  # before any step
+    sched.submit(Request(doc, gen, usual, reference=entry))
+    sched.submit(Request(other, gen, miss, reference=entry, early_first_token=True))  # a hit, not a replay
+    assert usual.events == [] and miss.events == []
+    _run(sched, [])
+    assert [e[0] for e in early.events][:3] == ["token", "prefilled", "token"]
+    assert early.tokens == usual.tokens and len(early.tokens) == 6
+    assert [e[0] for e in miss.events][:2] == ["prefilled", "token"]
+    assert early.finished == "length"
+    assert sched.reserved_bytes == 0 and not sched.running
+
+
+def test_an_early_first_token_that_ends_the_request_finishes_it_at_the_prefill():
+    engine = tiny_engine("llama")
+    doc = _ids(engine, 100, 10)
+    entry = engine.export_kv(engine.prefill(doc))
+    sched = Scheduler(engine, SchedulerConfig(max_running=2))
+    one = Collector()
+    sched.submit(Request(doc, GenParams(max_new_tokens=1, stop_on_eos=False), one, reference=entry,
+                         early_first_token=True))
+    _run(sched, [])
+    assert [e[0] for e in one.events] == ["token", "prefilled", "finished"] and one.finished == "length"
+    assert sched.reserved_bytes == 0 and not sched.running and not sched.prefilling
