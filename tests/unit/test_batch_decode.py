@@ -363,3 +363,18 @@ def test_an_early_first_token_that_ends_the_request_finishes_it_at_the_prefill()
     _run(sched, [])
     assert [e[0] for e in one.events] == ["token", "prefilled", "finished"] and one.finished == "length"
     assert sched.reserved_bytes == 0 and not sched.running and not sched.prefilling
+
+
+def test_an_early_first_token_comes_from_the_identical_one_of_several_sources():
+    engine = tiny_engine("llama")
+    doc, other = _ids(engine, 100, 10), _ids(engine, 300, 10)
+    entry, other_entry = engine.export_kv(engine.prefill(doc)), engine.export_kv(engine.prefill(other))
+    sched = Scheduler(engine, SchedulerConfig(max_running=2))
+    early, usual = Collector(), Collector()
+    gen = GenParams(max_new_tokens=5, stop_on_eos=False)
+    sched.submit(Request(doc, gen, early, sources=[other_entry, entry], early_first_token=True))
+    assert [e[0] for e in early.events] == ["token"]
+    sched.submit(Request(doc, gen, usual, reference=entry))
+    _run(sched, [])
+    assert early.tokens == usual.tokens == _reference_tokens(engine, doc, entry, 5)
+    assert early.events[1][0] == "prefilled" and early.events[1][1].stats.recomputed_tokens == 0
