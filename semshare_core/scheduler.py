@@ -225,11 +225,9 @@ class Scheduler:
         join to the decode batch follow at the next step. Events then come in the order
         ``token``, ``prefilled``, ``token``... None (the usual order) when ``r`` does not
         replay or its logits are unusable."""
-        if r.params.max_new_tokens < 1 or not self.replays(r):
+        ref = self.replayed(r) if r.params.max_new_tokens >= 1 else None
+        if ref is None:
             return None
-        refs = [r.reference] if r.reference is not None else list(r.sources or ())
-        ref = next(x for x in refs if x.last_logits is not None and x.seq_len == r.ids.size
-                   and np.array_equal(x.token_ids, r.ids))
         try:
             self.engine.signature.check(ref.signature)
         except Exception:  # noqa: BLE001 - the engine drops this reference and prefills: no early token
@@ -389,15 +387,21 @@ class Scheduler:
         self.counters["prefill_tokens"] += used
         return used
 
-    def replays(self, r: Request) -> bool:
-        """Whether ``r``'s prefill is a replay: a reference (or source) is the same prompt with
-        its last logits, as :meth:`SemShareEngine.prefill` checks (an identical repeat: one KV
-        copy, nothing computed)."""
-        refs = [r.reference] if r.reference is not None else list(r.sources or ())
+    def replayed(self, r: Request) -> Optional[PackedKV]:
+        """The reference (or source) ``r``'s prefill replays: the same prompt with its last
+        logits, as :meth:`SemShareEngine.prefill` checks (an identical repeat: one KV copy,
+        nothing computed); None when it does not replay."""
         cfg = r.config or self.engine.config
         n = int(r.ids.size)
-        return bool(refs) and cfg.replay_exact and n >= cfg.min_reuse_tokens and any(
-            ref.last_logits is not None and ref.seq_len == n and np.array_equal(ref.token_ids, r.ids) for ref in refs)
+        if not cfg.replay_exact or n < cfg.min_reuse_tokens:
+            return None
+        refs = [r.reference] if r.reference is not None else list(r.sources or ())
+        return next((ref for ref in refs if ref.last_logits is not None and ref.seq_len == n
+                     and np.array_equal(ref.token_ids, r.ids)), None)
+
+    def replays(self, r: Request) -> bool:
+        """Whether ``r``'s prefill is a replay (:meth:`replayed`)."""
+        return self.replayed(r) is not None
 
     def unit_cost(self, r: Request) -> int:
         """Prompt tokens the next unit of ``r``'s prefill counts against ``max_step_tokens``:
