@@ -13,9 +13,11 @@ request (a pruned cache keeps a different number of rows per layer). A step:
 * runs the stock decoder layers with a :class:`BatchCache` whose ``update()`` appends
   each request's new K/V row to its own buffers;
 * attends each request over its own rows only, in the attention function this module
-  registers in transformers' ``AttentionInterface`` (:data:`IMPL`): one SDPA call per
-  request and layer over a view of its buffer (no copy, no padding; GQA through
-  ``enable_gqa``; a sliding window restricts the keys to the last ``window`` positions).
+  registers in transformers' ``AttentionInterface`` (:data:`IMPL`): with a native kernel
+  (:mod:`semshare_core.decode_kernel`, bf16 on x86 CPUs with AVX512-BF16) one call for the
+  whole batch per layer, else one SDPA call per request and layer over a view of its
+  buffer (no copy, no padding; GQA through ``enable_gqa``); a sliding window restricts
+  the keys to the last ``window`` positions either way.
 
 Measured on SmolLM2-135M bf16, one CPU thread: the linear part of a decode step costs
 about the same for 1 and 16 tokens (~65 ms), while one SDPA call over 100 / 1,000
@@ -111,16 +113,21 @@ class SeqKV:
             self.positions[l][n] = self.position
         self.lengths[l] = n + 1
 
-    def rows(self, l: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``[1, H, m, D]`` of the rows the current token attends to at layer ``l``:
-        all used rows, or those within ``window`` positions (the current one included)."""
+    def start(self, l: int, window: int | None) -> int:
+        """The first row the current token attends to at layer ``l``: 0, or the first
+        within ``window`` positions (the current one included)."""
+        if window is None:
+            return 0
         n = self.lengths[l]
-        a = 0
-        if window is not None:
-            if self.sparse:
-                a = int(torch.searchsorted(self.positions[l][:n], self.position - window + 1))
-            else:
-                a = max(0, n - window)
+        if self.sparse:
+            return int(torch.searchsorted(self.positions[l][:n], self.position - window + 1))
+        return max(0, n - window)
+
+    def rows(self, l: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[1, H, m, D]`` of the rows the current token attends to at layer ``l``
+        (from :meth:`start` to the last used row)."""
+        n = self.lengths[l]
+        a = self.start(l, window)
         return self.keys[l].narrow(2, a, n - a), self.values[l].narrow(2, a, n - a)
 
 
@@ -146,10 +153,22 @@ class BatchCache:
 
 
 def _ragged_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
-    """query ``[1, Hq, B, D]``: request ``i`` attends over ``seqs[i]``'s own rows. Returns ``[1, B, Hq, D]``."""
+    """query ``[1, Hq, B, D]``: request ``i`` attends over ``seqs[i]``'s own rows. Returns ``[1, B, Hq, D]``.
+    With a native kernel for the step (:mod:`semshare_core.decode_kernel`), one call for the
+    whole batch where it handles the shapes; otherwise one SDPA call per request."""
     cache: BatchCache = _STATE.cache
     l = module.layer_idx
     Hq = query.shape[1]
+    kernel = _STATE.kernel
+    seqs = cache.seqs
+    if (kernel is not None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+            and kernel.handles(query, seqs[0].keys[l])):
+        with torch.profiler.record_function("semshare::decode_attention"):
+            out = kernel.attend(query, [s.keys[l] for s in seqs], [s.values[l] for s in seqs],
+                                [s.start(l, sliding_window) for s in seqs], [s.lengths[l] for s in seqs],
+                                scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if out is not None:
+            return out, None
     outs = []
     for s, q in zip(cache.seqs, query.split(1, dim=2)):  # q [1, Hq, 1, D]: B views in one op
         k, v = s.rows(l, sliding_window)
@@ -163,25 +182,26 @@ ALL_ATTENTION_FUNCTIONS.register(IMPL, _ragged_attention)
 
 
 @contextlib.contextmanager
-def batched_attention(model: torch.nn.Module, cache: BatchCache) -> Iterator[None]:
+def batched_attention(model: torch.nn.Module, cache: BatchCache, kernel=None) -> Iterator[None]:
     """Route the model's attention through :data:`IMPL` for one step (one thread at a time)."""
     cfg = model.config
     prev = cfg._attn_implementation
-    _STATE.cache = cache
+    _STATE.cache, _STATE.kernel = cache, kernel
     cfg._attn_implementation = IMPL
     try:
         yield
     finally:
         cfg._attn_implementation = prev
-        _STATE.cache = None
+        _STATE.cache = _STATE.kernel = None
 
 
 @torch.no_grad()
-def batch_step(model: torch.nn.Module, seqs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
+def batch_step(model: torch.nn.Module, seqs: Sequence[SeqKV], tokens: Sequence[int], kernel=None) -> torch.Tensor:
     """One decode step for every request: feed ``tokens[i]`` to ``seqs[i]`` at its position.
 
     Returns float32 logits ``[B, vocab]``; each ``seqs[i]`` gains one row per layer and
-    its ``position`` advances by one.
+    its ``position`` advances by one. ``kernel``: a :class:`semshare_core.decode_kernel.DecodeKernel`
+    for the attention (None: SDPA).
     """
     from .prefill import cache_kwarg, decoder_layers
 
@@ -194,7 +214,7 @@ def batch_step(model: torch.nn.Module, seqs: Sequence[SeqKV], tokens: Sequence[i
     pe = base.rotary_emb(hidden, pos)
     cache = BatchCache(seqs)
     ckw = cache_kwarg(layers[0].forward)
-    with batched_attention(model, cache):
+    with batched_attention(model, cache, kernel):
         for layer in layers:
             hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe, **{ckw: cache})
     logits = model.lm_head(base.norm(hidden))[0].float()                   # [B, vocab]

@@ -34,6 +34,7 @@ from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
 from .prefill import full_length_cache, full_prefill, probe_runs, selective_prefill
 from .prepack import prepack_linears
+from .decode_kernel import resolve as resolve_decode_kernel
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
 
@@ -124,9 +125,12 @@ class SemShareEngine:
     """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SemShareConfig | None = None,
-                 prepack: bool = True):
+                 prepack: bool = True, decode_attention: str = "auto"):
         """``prepack``: on a CPU with bf16 weights, decode-sized matmuls use weights re-laid
-        out once for oneDNN (:mod:`semshare_core.prepack`; same results, ~2x faster)."""
+        out once for oneDNN (:mod:`semshare_core.prepack`; same results, ~2x faster).
+        ``decode_attention``: ``auto`` (bf16 on a CPU with AVX512-BF16: the native kernel of
+        :mod:`semshare_core.decode_kernel`, else SDPA), ``native`` (that kernel or an error),
+        ``sdpa`` (always SDPA: bf16 decode bit-identical to ``model.generate``)."""
         self.family = family_of(model)  # UnsupportedModelError names what the method cannot do
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -143,6 +147,7 @@ class SemShareEngine:
         self.staging = HostStaging(self.device)
         self.layer_slots = PinnedSlots(self.device)
         self.prepacked = prepack_linears(model) if prepack else 0
+        self.decode_kernel = resolve_decode_kernel(decode_attention, self.device, self.dtype)
 
     # prompts ---------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
@@ -581,7 +586,7 @@ class SemShareEngine:
                 pre.release_full_kv()
                 pre.cache = state
             with self.lock, torch.inference_mode():
-                logits = batch_step(self.model, [state], [tok])[0]
+                logits = batch_step(self.model, [state], [tok], self.decode_kernel)[0]
 
     def generate(self, ids: np.ndarray, reference: PackedKV | None = None, **decode_kw) -> tuple[list[int], PrefillStats]:
         pre = self.prefill(ids, reference)
