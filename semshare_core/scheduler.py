@@ -47,8 +47,10 @@ kept in ``Request.reuse_error`` (the server reports the entry).
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -162,6 +164,17 @@ class StepRecord:
     ms: float
     running: int
     waiting: int
+
+
+def _name_os_thread(name: bytes) -> None:
+    """Give the calling thread an OS-visible name (Linux ``prctl(PR_SET_NAME)``, <= 15 bytes);
+    elsewhere, or on failure, nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Scheduler:
@@ -310,6 +323,7 @@ class Scheduler:
             self._thread = None
 
     def _loop(self) -> None:
+        _name_os_thread(b"semshare-engine")  # `top -H` / per-thread CPU show the engine thread apart
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -486,7 +500,8 @@ class Scheduler:
             return 0
         try:
             with self.engine.lock:
-                logits = batch_step(self.engine.model, [r._seq for r in batch], [r._last for r in batch])
+                logits = batch_step(self.engine.model, [r._seq for r in batch], [r._last for r in batch],
+                                    self.engine.decode_kernel)
         except Exception as e:  # noqa: BLE001 - the batch's caches are in an unknown state
             logger.exception("decode step for %d requests failed", len(batch))
             for r in batch:
