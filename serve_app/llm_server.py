@@ -97,7 +97,11 @@ class SemShareServer:
         t0 = time.perf_counter()
         lm = load_model(self.args)
         self.model_name = self.args.served_model_name()
-        self.engine = SemShareEngine(lm.model, lm.tokenizer, self.args.semshare_config())
+        self.engine = SemShareEngine(lm.model, lm.tokenizer, self.args.semshare_config(),
+                                     decode_attention=self.args.decode_attention)
+        logger.info("decode attention: %s (decode_attention=%s)",
+                    f"native kernel {self.engine.decode_kernel.path.name}" if self.engine.decode_kernel else "SDPA",
+                    self.args.decode_attention)
         self.tok_digest = tokenizer_digest(lm.tokenizer)
         self.sig_digest = signature_digest(self.engine.signature)
         self.load_s = time.perf_counter() - t0
@@ -496,6 +500,7 @@ class SemShareServer:
                 "load_s": round(self.load_s, 3), "counters": dict(self.counters), "reuse": self.reuse.stats(),
                 "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict(),
                 "scheduler": self.scheduler.stats(),
+                "decode_attention": "native" if self.engine.decode_kernel is not None else "sdpa",
                 "warmup": self.warmup.as_dict() if self.warmup is not None else {"ran": False}}
 
     def record_routing_stats(self) -> dict:

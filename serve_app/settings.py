@@ -69,6 +69,10 @@ class AppArgs(BaseModel):
     dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "bfloat16"
     device: str = "cpu"
     torch_threads: Optional[int] = Field(None, ge=1)
+    decode_attention: Literal["auto", "native", "sdpa"] = Field(
+        "auto", description="decode-step attention: auto = a native kernel for bf16 on CPUs with AVX512-BF16 "
+        "(built with the system C compiler at replica start), else SDPA; native = that kernel or fail at start; "
+        "sdpa = always SDPA (bf16 decode bit-identical to transformers' generate)")
     # deployments
     num_replicas: int = Field(1, ge=1, le=1024)
     autoscaling_config: Optional[AutoscalingArgs] = Field(

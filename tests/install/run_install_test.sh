@@ -64,6 +64,9 @@ files = [str(f) for f in md.files("semshare-serve")]
 tops = sorted({f.split("/")[0] for f in files if f.endswith(".py")})
 assert tops == ["semshare_core", "serve_app"], tops
 assert any(f.endswith("serve_app/configs/smollm2-135m.yaml") for f in files)
+assert any(f.endswith("semshare_core/csrc/decode_attn.c") for f in files), "the decode kernel's source is package data"
+from semshare_core import decode_kernel
+assert decode_kernel.SOURCE.is_file() and "site-packages" in str(decode_kernel.SOURCE), decode_kernel.SOURCE
 assert importlib.util.find_spec("benchmarks") is None, "the wheel must not install a top-level `benchmarks`"
 import serve_app
 assert "site-packages" in serve_app.__file__, serve_app.__file__

@@ -212,3 +212,10 @@ def test_pyproject_packaging():
     assert not any(p.startswith("benchmarks") for p in find)
     assert "*.yaml" in meta["tool"]["setuptools"]["package-data"]["serve_app.configs"]
     assert "benchmarks" not in str(meta["project"].get("scripts", {}))
+
+
+def test_decode_attention_is_validated():
+    assert resolve_args({"preset": "tiny-random"}).decode_attention == "auto"
+    assert resolve_args({"preset": "tiny-random", "decode_attention": "sdpa"}).decode_attention == "sdpa"
+    with pytest.raises(ValueError, match="decode_attention"):
+        resolve_args({"preset": "tiny-random", "decode_attention": "flash"})
