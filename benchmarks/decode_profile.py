@@ -4,11 +4,15 @@
     python -m benchmarks.decode_profile --contexts 100 1000 --batches 1 8 --steps 10
 
 Runs :func:`semshare_core.batch.batch_step` (the scheduler's decode step) on B requests of
-a given context length, ``--rounds`` interleaved rounds of ``--steps`` steps each, and
+a given context length with each ``--attention`` (SDPA per request, and the native kernel of
+:mod:`semshare_core.decode_kernel`), ``--rounds`` interleaved rounds of ``--steps`` steps each, and
 reports the step's wall time (median, min-max over rounds) and, from one profiled round,
 the share of the step spent in the linear layers (matmuls, LM head included), attention
 (one SDPA call per request and layer), KV appends (the copies into each request's
-buffers) and everything else (norms, rotary, activations, Python and dispatch).
+buffers) and everything else (norms, rotary, activations, Python and dispatch). The
+native kernel's share is its ``semshare::decode_attention`` profiler range, which also
+holds the Python that prepares its arguments and the range's own profiling overhead, so
+it reads high; the step times (unprofiled rounds) are what compare the two.
 Writes ``benchmarks/results/<name>.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 LINEAR = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
-             "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
+             "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+             "semshare::decode_attention")
 
 
 def classify(rows: list[tuple[str, float]]) -> dict[str, float]:
@@ -45,34 +50,42 @@ def classify(rows: list[tuple[str, float]]) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in out.items()}
 
 
-def measure(engine, context: int, batch: int, steps: int, rounds: int, seed: int = 0) -> dict:
+def measure(engine, context: int, batch: int, steps: int, rounds: int, kernels: dict, seed: int = 0) -> list[dict]:
+    """Step time of each attention in ``kernels`` (name -> kernel or None), rounds interleaved."""
     from torch.profiler import ProfilerActivity, profile
 
     from semshare_core.batch import batch_step
 
     rng = np.random.default_rng(seed)
     vocab = engine.signature.vocab_size
+    out = []
     with torch.inference_mode():
-        seqs = [engine.decode_state(engine.prefill(rng.integers(100, vocab - 1, context))) for _ in range(batch)]
+        prompts = [rng.integers(100, vocab - 1, context) for _ in range(batch)]
+        seqs = {name: [engine.decode_state(engine.prefill(p)) for p in prompts] for name in kernels}
         toks = [5] * batch
-        batch_step(engine.model, seqs, toks)
-        per_round = []
+        per_round = {name: [] for name in kernels}
+        for name, kern in kernels.items():
+            batch_step(engine.model, seqs[name], toks, kern)
         for _ in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                batch_step(engine.model, seqs, toks)
-            per_round.append((time.perf_counter() - t0) / steps * 1e3)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                batch_step(engine.model, seqs, toks)
-    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    med = statistics.median(per_round)
-    shares = classify(rows)
-    total_ms = sum(t for _, t in rows) / 1e3 / steps  # profiled self time per step
-    return {"context": context, "batch": batch, "step_ms": round(med, 2),
-            "step_ms_min": round(min(per_round), 2), "step_ms_max": round(max(per_round), 2),
-            "ms_per_token": round(med / batch, 2), "shares": shares,
-            "linear_ms": round(shares["linear"] * total_ms, 2), "attention_ms": round(shares["attention"] * total_ms, 2)}
+            for name, kern in kernels.items():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    batch_step(engine.model, seqs[name], toks, kern)
+                per_round[name].append((time.perf_counter() - t0) / steps * 1e3)
+        for name, kern in kernels.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    batch_step(engine.model, seqs[name], toks, kern)
+            rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+            med = statistics.median(per_round[name])
+            shares = classify(rows)
+            total_ms = sum(t for _, t in rows) / 1e3 / steps  # profiled self time per step
+            out.append({"attention_impl": name, "context": context, "batch": batch, "step_ms": round(med, 2),
+                        "step_ms_min": round(min(per_round[name]), 2), "step_ms_max": round(max(per_round[name]), 2),
+                        "ms_per_token": round(med / batch, 2), "shares": shares,
+                        "linear_ms": round(shares["linear"] * total_ms, 2),
+                        "attention_ms": round(shares["attention"] * total_ms, 2)})
+    return out
 
 
 def weight_bytes(model) -> int:
@@ -104,25 +117,26 @@ def markdown(res: dict) -> str:
              f"{res['prepacked']}, on {res['machine']}; load average before/after {res['loadavg']}.", "",
              f"Step time: median of {res['rounds']} rounds x {res['steps']} steps (min-max); shares from one "
              "profiled round (self CPU time by op).", "",
-             "| context | batch | step ms (min-max) | ms per token | linear | attention | KV append | other |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| attention | context | batch | step ms (min-max) | ms per token | linear | attention | KV append | other |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["runs"]:
         s = r["shares"]
-        lines.append(f"| {r['context']} | {r['batch']} | {r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']}) | "
+        lines.append(f"| {r.get('attention_impl', 'sdpa')} | {r['context']} | {r['batch']} | "
+                     f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']}) | "
                      f"{r['ms_per_token']} | {s['linear']:.0%} | {s['attention']:.0%} | {s['kv_append']:.0%} | "
                      f"{s['other']:.0%} |")
     if res.get("read_gbs"):
         lines += ["", f"Against memory bandwidth: this thread reads {res['read_gbs']} GB/s (sum over a 256 MiB "
                   f"tensor, median of 5, before the runs). A step streams {res['weight_mb']} MB of linear weights; "
                   "attention reads each request's K and V rows.", "",
-                  "| context | batch | linear ms | weights GB/s | attention ms | KV MB | KV GB/s |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| attention | context | batch | linear ms | weights GB/s | attention ms | KV MB | KV GB/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in res["runs"]:
             if not r.get("linear_ms"):
                 continue
             kv = r["kv_mb"]
             att = f"{kv / r['attention_ms']:.1f}" if r.get("attention_ms") else "-"
-            lines.append(f"| {r['context']} | {r['batch']} | {r['linear_ms']} | "
+            lines.append(f"| {r.get('attention_impl', 'sdpa')} | {r['context']} | {r['batch']} | {r['linear_ms']} | "
                          f"{res['weight_mb'] / r['linear_ms']:.1f} | {r['attention_ms']} | {kv} | {att} |")
     return "\n".join(lines) + "\n"
 
@@ -140,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-prepack", action="store_true")
+    p.add_argument("--attention", nargs="+", choices=("sdpa", "native"), default=["sdpa", "native"],
+                   help="decode attention(s) to time, interleaved (native: semshare_core.decode_kernel)")
     p.add_argument("--name", default="decode-profile-cpu")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -147,12 +163,19 @@ def main(argv=None) -> int:
     engine = SemShareEngine(lm.model, lm.tokenizer, prepack=not a.no_prepack)
     before = [round(x, 2) for x in os.getloadavg()]
     read_gbs = read_bandwidth_gbs()
+    from semshare_core import decode_kernel
+
+    kernels = {"sdpa": None, "native": decode_kernel.load()}
+    if kernels["native"] is None and "native" in a.attention:
+        print(f"native decode attention unavailable: {decode_kernel.unavailable_reason() or 'build failed'}")
+    kernels = {k: v for k, v in kernels.items() if k in a.attention and (k == "sdpa" or v is not None)}
     runs = []
     for ctx in a.contexts:
         for b in a.batches:
-            runs.append(measure(engine, ctx, b, a.steps, a.rounds))
-            runs[-1]["kv_mb"] = round(kv_bytes(engine, ctx, b) / 1e6, 1)
-            print(runs[-1], flush=True)
+            for run in measure(engine, ctx, b, a.steps, a.rounds, kernels):
+                run["kv_mb"] = round(kv_bytes(engine, ctx, b) / 1e6, 1)
+                runs.append(run)
+                print(run, flush=True)
     res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": str(engine.dtype).replace("torch.", ""),
            "threads": a.threads, "prepacked": engine.prepacked, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "loadavg": [before, [round(x, 2) for x in os.getloadavg()]], "steps": a.steps, "rounds": a.rounds,
