@@ -9,16 +9,20 @@ def test_classify_shares_add_up_and_sort_ops():
                   ("aten::_scaled_dot_product_flash_attention_for_cpu", 20.0), ("aten::copy_", 5.0),
                   ("aten::mul", 5.0)])
     assert s == {"linear": 0.7, "attention": 0.2, "kv_append": 0.05, "other": 0.05}
+    native = classify([("mkldnn::_linear_pointwise", 50.0), ("semshare::decode_attention", 50.0)])
+    assert native["attention"] == 0.5  # the native kernel's profiler range counts as attention
 
 
 def test_measure_runs_the_batched_step_on_a_tiny_model():
     from tests.unit.tiny import tiny_engine
 
-    r = measure(tiny_engine("llama"), context=20, batch=3, steps=2, rounds=2)
+    runs = measure(tiny_engine("llama"), context=20, batch=3, steps=2, rounds=2, kernels={"sdpa": None})
+    assert [x["attention_impl"] for x in runs] == ["sdpa"]
+    r = runs[0]
     assert r["batch"] == 3 and r["step_ms"] > 0 and abs(sum(r["shares"].values()) - 1) < 0.01
     md = markdown({"name": "t", "model": "m", "dtype": "float32", "threads": 1, "prepacked": 0, "machine": "x",
                    "loadavg": [], "steps": 2, "rounds": 2, "runs": [r]})
-    assert "| 20 | 3 |" in md
+    assert "| sdpa | 20 | 3 |" in md
     eng = tiny_engine("llama")
     r["kv_mb"] = round(kv_bytes(eng, 20, 3) / 1e6, 4)
     assert weight_bytes(eng.model) > 0 and r["kv_mb"] > 0 and r["linear_ms"] >= 0
