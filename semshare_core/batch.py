@@ -102,16 +102,24 @@ class SeqKV:
             new[:n] = old[:n]
             self.positions[l] = new
 
-    def append(self, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one row (``[1, H, D]``) at layer ``l``, position ``self.position``."""
+    def reserve(self, l: int) -> int:
+        """Make room for one row at layer ``l`` (position ``self.position``) and count it as
+        used; returns its index. Its K/V are written by :meth:`append` or by the native kernel."""
         n = self.lengths[l]
         if n == self.keys[l].shape[2]:
             self._grow(l)
-        self.keys[l].select(2, n).copy_(k)  # select: one view op (a [:, :, n] index makes three)
-        self.values[l].select(2, n).copy_(v)
         if self.sparse:
             self.positions[l][n] = self.position
         self.lengths[l] = n + 1
+        return n
+
+    def write(self, l: int, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys[l].select(2, n).copy_(k)  # select: one view op (a [:, :, n] index makes three)
+        self.values[l].select(2, n).copy_(v)
+
+    def append(self, l: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one row (``[1, H, D]``) at layer ``l``, position ``self.position``."""
+        self.write(l, self.reserve(l), k, v)
 
     def start(self, l: int, window: int | None) -> int:
         """The first row the current token attends to at layer ``l``: 0, or the first
@@ -133,16 +141,36 @@ class SeqKV:
 
 class BatchCache:
     """The cache object the stock attention sees during a batched step: ``update`` appends
-    the step's row of request ``i`` (``key_states[:, :, i]``) to ``seqs[i]``."""
+    the step's row of request ``i`` (``key_states[:, :, i]``) to ``seqs[i]``. With a native
+    kernel that handles the layer (``fuse``: query heads per KV head), ``update`` only
+    reserves the rows and the kernel writes them in its attention call (:data:`pending`)."""
 
-    def __init__(self, seqs: Sequence[SeqKV]):
+    def __init__(self, seqs: Sequence[SeqKV], kernel=None, q_heads: int | None = None):
         self.seqs = list(seqs)
+        self.kernel = kernel
+        self.q_heads = q_heads
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k = self.kernel
+        if (k is not None and self.q_heads is not None and key_states.stride(-1) == 1 and value_states.stride(-1) == 1
+                and k.handles_shape(value_states.dtype, key_states.dtype, key_states.device, key_states.shape[-1],
+                                    self.q_heads, key_states.shape[1])):
+            for s in self.seqs:
+                s.reserve(layer_idx)
+            self.pending[layer_idx] = (key_states, value_states)
+            return key_states, value_states
         # unbind: B row views [1, H, D] in one op each (B narrows cost ~2.5x as much per layer)
         for s, k, v in zip(self.seqs, key_states.unbind(2), value_states.unbind(2)):
             s.append(layer_idx, k, v)
         return key_states, value_states
+
+    def flush(self, layer_idx: int) -> None:
+        """Write reserved rows the kernel did not take (it refused the layer): Python appends."""
+        rows = self.pending.pop(layer_idx, None)
+        if rows is not None:
+            for s, k, v in zip(self.seqs, rows[0].unbind(2), rows[1].unbind(2)):
+                s.write(layer_idx, s.lengths[layer_idx] - 1, k, v)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max((s.lengths[layer_idx] for s in self.seqs), default=0)
@@ -163,12 +191,16 @@ def _ragged_attention(module, query, key, value, attention_mask, scaling=None, s
     seqs = cache.seqs
     if (kernel is not None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
             and kernel.handles(query, seqs[0].keys[l])):
+        new = cache.pending.get(l)
         with torch.profiler.record_function("semshare::decode_attention"):
             out = kernel.attend(query, [s.keys[l] for s in seqs], [s.values[l] for s in seqs],
                                 [s.start(l, sliding_window) for s in seqs], [s.lengths[l] for s in seqs],
-                                scaling if scaling is not None else query.shape[-1] ** -0.5)
+                                scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                *(new if new is not None else ()))
         if out is not None:
+            cache.pending.pop(l, None)
             return out, None
+    cache.flush(l)  # rows reserved for the kernel, which did not run: write them here
     outs = []
     for s, q in zip(cache.seqs, query.split(1, dim=2)):  # q [1, Hq, 1, D]: B views in one op
         k, v = s.rows(l, sliding_window)
@@ -212,7 +244,7 @@ def batch_step(model: torch.nn.Module, seqs: Sequence[SeqKV], tokens: Sequence[i
     pos = torch.tensor([[s.position for s in seqs]], device=dev)
     hidden = base.embed_tokens(ids)                                       # [1, B, hidden]
     pe = base.rotary_emb(hidden, pos)
-    cache = BatchCache(seqs)
+    cache = BatchCache(seqs, kernel, getattr(model.config, "num_attention_heads", None))
     ckw = cache_kwarg(layers[0].forward)
     with batched_attention(model, cache, kernel):
         for layer in layers:

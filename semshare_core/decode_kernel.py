@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attn.c"
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-ABI = 1
+ABI = 2
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head
 MODES = ("auto", "native", "sdpa")
@@ -124,34 +124,54 @@ class DecodeKernel:
             raise RuntimeError(f"{path} has another calling convention")
         fn = lib.semshare_decode_attn
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_float]
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 3
         self._fn = fn
         self.path = path
 
     @staticmethod
     def handles(query: torch.Tensor, key: torch.Tensor) -> bool:
         """Whether a layer's shapes and dtypes are the kernel's (else the caller uses SDPA)."""
-        hq, hkv, d = query.shape[1], key.shape[1], query.shape[-1]
-        return (query.dtype == torch.bfloat16 and key.dtype == torch.bfloat16 and query.device.type == "cpu"
-                and d in HEAD_DIMS and hq % hkv == 0 and hq // hkv <= MAX_GROUP)
+        return DecodeKernel.handles_shape(query.dtype, key.dtype, query.device, query.shape[-1],
+                                          query.shape[1], key.shape[1])
+
+    @staticmethod
+    def handles_shape(q_dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device, head_dim: int,
+                      q_heads: int, kv_heads: int) -> bool:
+        return (q_dtype == torch.bfloat16 and kv_dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+                and head_dim in HEAD_DIMS and kv_heads > 0 and q_heads % kv_heads == 0
+                and q_heads // kv_heads <= MAX_GROUP)
 
     def attend(self, query: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-               starts: Sequence[int], lengths: Sequence[int], scale: float) -> Optional[torch.Tensor]:
+               starts: Sequence[int], lengths: Sequence[int], scale: float,
+               new_keys: Optional[torch.Tensor] = None, new_values: Optional[torch.Tensor] = None
+               ) -> Optional[torch.Tensor]:
         """``query [1, Hq, B, D]``; request ``i`` attends rows ``[starts[i], lengths[i])`` of
         ``keys[i]`` / ``values[i]`` (contiguous ``[1, Hkv, capacity_i, D]`` buffers, the same
-        capacity for both). Returns ``[1, B, Hq, D]``, or None if the kernel refused the shapes."""
+        capacity for both). ``new_keys`` / ``new_values`` ``[1, Hkv, B, D]`` (any strides with
+        a unit last one): the step's rows, written to row ``lengths[i] - 1`` first (the row
+        reserved for them). Returns ``[1, B, Hq, D]``, or None if the kernel refused the
+        shapes (then nothing was written)."""
         b, hq, d = query.shape[2], query.shape[1], query.shape[3]
+        for k, v in zip(keys, values):
+            if not (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape):
+                return None
+        nk = nv = None
+        strides = None
+        if new_keys is not None:
+            if new_keys.stride(-1) != 1 or new_values.stride(-1) != 1 or new_keys.dtype != keys[0].dtype:
+                return None
+            nk, nv = new_keys, new_values
+            strides = np.array([nk.stride(2), nk.stride(1), nv.stride(2), nv.stride(1)], dtype=np.int64)
         q = query[0].transpose(0, 1).contiguous()                    # [B, Hq, D]
         out = torch.empty_like(q)
         meta = np.array([[k.data_ptr() for k in keys], [v.data_ptr() for v in values],
                          [k.shape[2] for k in keys], list(starts), list(lengths)], dtype=np.int64)
-        for k, v in zip(keys, values):
-            if not (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape):
-                return None
         p = meta.ctypes.data
         row = meta.strides[0]
         rc = self._fn(q.data_ptr(), out.data_ptr(), p, p + row, p + 2 * row, p + 3 * row, p + 4 * row,
-                      b, hq, int(keys[0].shape[1]), d, float(scale))
+                      b, hq, int(keys[0].shape[1]), d, float(scale),
+                      nk.data_ptr() if nk is not None else None, nv.data_ptr() if nv is not None else None,
+                      strides.ctypes.data if strides is not None else None)
         return out.unsqueeze(0) if rc == 0 else None
 
 

@@ -143,10 +143,14 @@ static inline __attribute__((always_inline)) void head_attn(
 
 /* q, out: [B, Hq, D] bf16 contiguous. Request b's keys/values start at kp[b] / vp[b], laid out
    [Hkv, cap[b], D]; it attends rows [start[b], len[b]). D in {64, 128}, Hq / Hkv <= 8.
-   Returns 0, or -1 for a shape it does not handle (nothing written), -2 out of memory. */
+   newk / newv (may be NULL): the step's new K / V rows, written to row len[b] - 1 of each
+   request's buffers before it attends; element (b, h, d) at b * ns[0] + h * ns[1] + d for K,
+   b * ns[2] + h * ns[3] + d for V. Returns 0, or -1 for a shape it does not handle (nothing
+   written), -2 out of memory (nothing written). */
 int semshare_decode_attn(const uint16_t *q, uint16_t *out, const int64_t *kp, const int64_t *vp,
                          const int64_t *cap, const int64_t *start, const int64_t *len,
-                         int B, int Hq, int Hkv, int D, float scale) {
+                         int B, int Hq, int Hkv, int D, float scale,
+                         const uint16_t *newk, const uint16_t *newv, const int64_t *ns) {
     if ((D != 64 && D != 128) || Hkv <= 0 || Hq % Hkv || Hq / Hkv > 8) return -1;
     const int G = Hq / Hkv;
     int64_t maxn = 1;
@@ -156,6 +160,13 @@ int semshare_decode_attn(const uint16_t *q, uint16_t *out, const int64_t *kp, co
     if (!sc) return -2;
     for (int b = 0; b < B; b++) {
         const int64_t n = len[b] - start[b];
+        if (newk && newv && len[b] > 0) {
+            for (int h = 0; h < Hkv; h++) {
+                const int64_t row = ((int64_t)h * cap[b] + len[b] - 1) * D;
+                memcpy((uint16_t *)(intptr_t)kp[b] + row, newk + b * ns[0] + h * ns[1], sizeof(uint16_t) * D);
+                memcpy((uint16_t *)(intptr_t)vp[b] + row, newv + b * ns[2] + h * ns[3], sizeof(uint16_t) * D);
+            }
+        }
         for (int h = 0; h < Hkv; h++) {
             const uint16_t *qh = q + ((int64_t)b * Hq + (int64_t)h * G) * D;
             uint16_t *oh = out + ((int64_t)b * Hq + (int64_t)h * G) * D;
@@ -173,4 +184,4 @@ int semshare_decode_attn(const uint16_t *q, uint16_t *out, const int64_t *kp, co
 }
 
 /* The calling convention above; decode_kernel.py checks it before using the library. */
-int semshare_decode_attn_abi(void) { return 1; }
+int semshare_decode_attn_abi(void) { return 2; }

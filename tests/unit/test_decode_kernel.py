@@ -174,3 +174,45 @@ def test_sdpa_mode_keeps_bf16_decode_identical_to_generate():
         out = engine.model.generate(torch.from_numpy(ids)[None], max_new_tokens=16, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)
         assert ours == out[0, ids.size:].tolist()
+
+
+@needs_kernel
+def test_the_kernel_writes_the_steps_rows_exactly_as_python_appends():
+    """The fused append (rows written by the kernel before it attends) leaves the same
+    buffers and gives the same output as appending in Python first."""
+    g = torch.Generator().manual_seed(5)
+    b, hkv, group, d = 3, 2, 3, 64
+    lengths = [9, 30, 17]
+    seqs = [SeqKV([torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)],
+                  [torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)], position=n) for n in lengths]
+    twins = [SeqKV([s.keys[0][:, :, :n].clone()], [s.values[0][:, :, :n].clone()], position=n)
+             for s, n in zip(seqs, lengths)]
+    q = torch.randn(1, hkv * group, b, d, generator=g).to(torch.bfloat16)
+    new_k = torch.randn(1, hkv, b, d, generator=g).to(torch.bfloat16)                    # contiguous
+    new_v = torch.randn(1, b, hkv, d, generator=g).to(torch.bfloat16).transpose(1, 2)   # strided, as HF's values
+    for s, k, v in zip(twins, new_k.unbind(2), new_v.unbind(2)):
+        s.append(0, k, v)
+    for s in seqs:
+        s.reserve(0)
+    fused = KERNEL.attend(q, [s.keys[0] for s in seqs], [s.values[0] for s in seqs], [0] * b,
+                          [s.lengths[0] for s in seqs], 0.125, new_k, new_v)
+    plain = KERNEL.attend(q, [s.keys[0] for s in twins], [s.values[0] for s in twins], [0] * b,
+                          [s.lengths[0] for s in twins], 0.125)
+    assert torch.equal(fused, plain)
+    for s, t in zip(seqs, twins):
+        n = t.lengths[0]
+        assert s.lengths[0] == n
+        assert torch.equal(s.keys[0][:, :, :n], t.keys[0][:, :, :n])
+        assert torch.equal(s.values[0][:, :, :n], t.values[0][:, :, :n])
+
+
+@needs_kernel
+def test_rows_reserved_for_a_kernel_that_refuses_are_written_in_python(monkeypatch):
+    """If the kernel refuses a layer after ``update`` reserved the rows, the step still
+    appends them and attends with SDPA: the same tokens as the SDPA engine."""
+    native, sdpa = _bf16_engine("llama", "native"), _bf16_engine("llama", "sdpa")
+    monkeypatch.setattr(type(native.decode_kernel), "attend", lambda self, *a, **k: None)
+    ids = _ids(native, 0, 5)
+    a = list(native.decode(native.prefill(ids), max_new_tokens=12, stop_on_eos=False))
+    b = list(sdpa.decode(sdpa.prefill(ids), max_new_tokens=12, stop_on_eos=False))
+    assert a == b
