@@ -119,7 +119,10 @@ class DecodeKernel:
     """The loaded library: :meth:`attend` does one layer of a batched decode step."""
 
     def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
+        # PyDLL: the call keeps the GIL. A layer's call takes well under a millisecond; letting
+        # the replica's other Python threads (event loop, exports) take the GIL 30 times a
+        # step would make the engine thread wait up to a switch interval (5 ms) each time.
+        lib = ctypes.PyDLL(str(path))
         if lib.semshare_decode_attn_abi() != ABI:
             raise RuntimeError(f"{path} has another calling convention")
         fn = lib.semshare_decode_attn
