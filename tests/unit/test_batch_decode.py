@@ -48,6 +48,24 @@ def _run(sched: Scheduler, reqs: list[Request], max_steps: int = 10_000) -> None
     raise AssertionError("scheduler did not finish")
 
 
+def run_plan(sched: Scheduler, plan: list[tuple], cfg: SemShareConfig) -> tuple[list[Collector], list[int]]:
+    """Submit each ``(ids, reference, max_new_tokens, step)`` of ``plan`` at its step and run
+    the scheduler until all finish; returns the requests' sinks and each step's batch size."""
+    sinks = [Collector() for _ in plan]
+    reqs = [Request(ids, GenParams(max_new_tokens=n, stop_on_eos=False), sink, reference=r, config=cfg)
+            for (ids, r, n, _), sink in zip(plan, sinks)]
+    last = max(at for *_, at in plan)
+    sizes = []
+    for step in range(1000):
+        for req, (*_, at) in zip(reqs, plan):
+            if at == step:
+                sched.submit(req)
+        if step > last and not sched.has_work() and not sched._inbox:
+            return sinks, sizes
+        sizes.append(sched.step().batch)
+    raise AssertionError("scheduler did not finish")
+
+
 def _reference_tokens(engine: SemShareEngine, ids, reference, n: int, **kw) -> list[int]:
     pre = engine.prefill(ids, reference)
     return list(engine.decode(pre, max_new_tokens=n, stop_on_eos=False, **kw))
@@ -71,17 +89,7 @@ def test_batched_greedy_equals_batch_one_with_joins_and_leaves(arch, retention):
             (_ids(engine, 40, 1), None, 16, 2), (doc, ref, 24, 3), (_ids(engine, 60, 5), None, 3, 6)]
     # (the identical repeat of doc replays and is prefilled first: it decodes long enough to overlap)
     sched = Scheduler(engine, SchedulerConfig(max_running=8, max_step_tokens=64, prefill_chunk=32))
-    sinks = [Collector() for _ in plan]
-    reqs = [Request(ids, GenParams(max_new_tokens=n, stop_on_eos=False), sink, reference=r, config=cfg)
-            for (ids, r, n, _), sink in zip(plan, sinks)]
-    batch_sizes = []
-    for step in range(200):
-        for req, (_, _, _, at) in zip(reqs, plan):
-            if at == step:
-                sched.submit(req)
-        if step > 6 and not sched.has_work() and not sched._inbox:
-            break
-        batch_sizes.append(sched.step().batch)
+    sinks, batch_sizes = run_plan(sched, plan, cfg)
     assert max(batch_sizes) >= 4, batch_sizes  # really batched, with mixed lengths
     for (ids, r, n, _), sink in zip(plan, sinks):
         want = [t for t in _reference_tokens(engine.__class__(engine.model, engine.tokenizer, cfg), ids, r, n)]

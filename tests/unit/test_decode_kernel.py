@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from semshare_core import SemShareConfig, SemShareEngine, decode_kernel
 from semshare_core.batch import SeqKV, batch_step
 from semshare_core.models import tiny_random_model
-from semshare_core.scheduler import GenParams, Request, Scheduler, SchedulerConfig
+from semshare_core.scheduler import Scheduler, SchedulerConfig
 
-from .test_batch_decode import Collector, _ids
+from .test_batch_decode import _ids, run_plan
 from .tiny import tokenizer
 
 KERNEL = decode_kernel.load()
@@ -90,17 +90,7 @@ def test_native_batched_decode_equals_batch_one(arch, window):
     plan = [(_ids(engine, 0, 3), None, 12, 0), (_ids(engine, 10, 9), None, 6, 0), (variant, ref, 10, 0),
             (_ids(engine, 40, 1), None, 14, 2), (_ids(engine, 60, 5), None, 4, 5)]
     sched = Scheduler(engine, SchedulerConfig(max_running=8, max_step_tokens=64, prefill_chunk=32))
-    sinks = [Collector() for _ in plan]
-    reqs = [Request(ids, GenParams(max_new_tokens=n, stop_on_eos=False), sink, reference=r, config=cfg)
-            for (ids, r, n, _), sink in zip(plan, sinks)]
-    sizes = []
-    for step in range(200):
-        for req, (_, _, _, at) in zip(reqs, plan):
-            if at == step:
-                sched.submit(req)
-        if step > 5 and not sched.has_work() and not sched._inbox:
-            break
-        sizes.append(sched.step().batch)
+    sinks, sizes = run_plan(sched, plan, cfg)
     assert max(sizes) >= 3, sizes
     for (ids, r, n, _), sink in zip(plan, sinks):
         alone = list(engine.decode(engine.prefill(ids, r, cfg), max_new_tokens=n, stop_on_eos=False))
