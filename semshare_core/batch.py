@@ -142,8 +142,9 @@ class SeqKV:
 class BatchCache:
     """The cache object the stock attention sees during a batched step: ``update`` appends
     the step's row of request ``i`` (``key_states[:, :, i]``) to ``seqs[i]``. With a native
-    kernel that handles the layer (``fuse``: query heads per KV head), ``update`` only
-    reserves the rows and the kernel writes them in its attention call (:data:`pending`)."""
+    kernel that handles the layer (``q_heads``: the model's query heads, for its group size),
+    ``update`` only reserves the rows and the kernel writes them in its attention call
+    (:attr:`pending`; :meth:`flush` writes them if it refuses the layer)."""
 
     def __init__(self, seqs: Sequence[SeqKV], kernel=None, q_heads: int | None = None):
         self.seqs = list(seqs)
@@ -152,10 +153,11 @@ class BatchCache:
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        k = self.kernel
-        if (k is not None and self.q_heads is not None and key_states.stride(-1) == 1 and value_states.stride(-1) == 1
-                and k.handles_shape(value_states.dtype, key_states.dtype, key_states.device, key_states.shape[-1],
-                                    self.q_heads, key_states.shape[1])):
+        kern = self.kernel
+        if (kern is not None and self.q_heads is not None and key_states.stride(-1) == 1
+                and value_states.stride(-1) == 1
+                and kern.handles_shape(value_states.dtype, key_states.dtype, key_states.device, key_states.shape[-1],
+                                       self.q_heads, key_states.shape[1])):
             for s in self.seqs:
                 s.reserve(layer_idx)
             self.pending[layer_idx] = (key_states, value_states)
