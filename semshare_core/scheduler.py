@@ -465,11 +465,7 @@ class Scheduler:
             self._finish(r, "length")
             return
         if r._early is not None:  # the first token already left at submit: only its end conditions
-            if r.params.stop_on_eos and r._early in self.engine.eos_ids:
-                self._finish(r, "stop")
-                return
-            if r.generated >= r.params.max_new_tokens:
-                self._finish(r, "length")
+            if self._ended(r, r._early):
                 return
         else:
             r._gen = self._generator(r)
@@ -486,6 +482,10 @@ class Scheduler:
         r.generated += 1
         r._last = tok
         self._send(r, ("token", tok))
+        return self._ended(r, tok)
+
+    def _ended(self, r: Request, tok: int) -> bool:
+        """Finish ``r`` if ``tok`` (its latest, already sent) ends it: EOS or ``max_new_tokens``."""
         if r.params.stop_on_eos and tok in self.engine.eos_ids:
             self._finish(r, "stop")
             return True
