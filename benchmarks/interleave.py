@@ -7,8 +7,12 @@ This box is shared and its speed drifts by up to ~2x within minutes (the same in
 decode step measured 57 ms and 124 ms on one core a few minutes apart), so a sweep of one
 system followed by a sweep of the other can compare two different machines. Here both
 servers run at once (each pinned to the same compute core by whoever started them), and
-each round runs the level on ``ours`` then on ``peer`` with the same fresh prompts (seed =
-the round number), so every ratio compares runs a few seconds apart. The idle server's
+each round runs the level on both with the same fresh prompts (seed = the round number), so
+every ratio compares runs a few seconds apart. Which system goes first alternates by round
+(``--order alternate``, the default: ours first in odd rounds): the system that runs second
+in a round tended to win (the first run warms the box's shared caches and settles its
+clock), and a fixed order puts that bias into every ratio. ``ours-first`` keeps the older
+fixed order. The idle server's
 background work shares the core during the other's run: our server's idle Ray processes
 (controller, dashboard, GCS, raylet) use ~14% of a core, vLLM's ~2%, so the pairing
 favours the peer slightly less than separate runs would.
@@ -32,6 +36,17 @@ from .results_io import save
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 WORKLOADS = ("decode", "reuse")  # benchmarks.load workloads with concurrency levels
+
+
+ORDERS = ("alternate", "ours-first", "peer-first")
+
+
+def round_order(order: str, r: int) -> tuple[str, str]:
+    """Which side runs first in round ``r`` (1-based) under ``order`` (one of :data:`ORDERS`)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    ours_first = order == "ours-first" or (order == "alternate" and r % 2 == 1)
+    return ("ours", "peer") if ours_first else ("peer", "ours")
 
 
 def spread(xs: list[float]) -> dict:
@@ -58,14 +73,16 @@ def markdown(res: dict) -> str:
     s = res["summary"]
     lines = [f"# Interleaved rounds `{res['name']}`: {res['workload']} at {res['concurrency']} clients", "",
              f"ours = {res['ours']}, peer = {res['peer']} ({res['peer_label']}), both running, {res['rounds']} "
-             "rounds; each round runs the level on ours, then on the peer, with the same fresh prompts (seed = "
-             "round). `python -m benchmarks.load` does each run (see its results for the workload's definition).",
-             "", "| round | tok/s ours | tok/s peer | ratio | req/s ours | req/s peer | TTFT p50 / p99 ours (ms) | "
+             f"rounds; each round runs the level on both with the same fresh prompts (seed = round), order "
+             f"`{res.get('order', 'ours-first')}` (first = the system that ran first in the round). "
+             "`python -m benchmarks.load` does each run (see its results for the workload's definition).",
+             "", "| round | first | tok/s ours | tok/s peer | ratio | req/s ours | req/s peer | TTFT p50 / p99 ours (ms) | "
              "TTFT p50 / p99 peer (ms) | ITL p50 ours / peer (ms) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for i, r in enumerate(res["per_round"], 1):
         o, p = r["ours"], r["peer"]
-        lines.append(f"| {i} | {o['tokens_per_s']:.1f} | {p['tokens_per_s']:.1f} | "
+        first = round_order(res.get("order", "ours-first"), i)[0]
+        lines.append(f"| {i} | {first} | {o['tokens_per_s']:.1f} | {p['tokens_per_s']:.1f} | "
                      f"{o['tokens_per_s'] / p['tokens_per_s']:.2f} | {o['requests_per_s']:.2f} | "
                      f"{p['requests_per_s']:.2f} | {o['ttft_p50_ms']:.0f} / {o['ttft_p99_ms']:.0f} | "
                      f"{p['ttft_p50_ms']:.0f} / {p['ttft_p99_ms']:.0f} | {o['itl_p50_ms']:.0f} / {p['itl_p50_ms']:.0f} |")
@@ -93,13 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--client-cores", default="0")
+    ap.add_argument("--order", choices=ORDERS, default="alternate",
+                    help="which system runs first in a round (alternate: ours in odd rounds)")
     a = ap.parse_args(argv)
     name = a.name or f"interleaved-{a.workload}-c{a.concurrency}"
     runs_dir = Path(a.out_dir) / name
     per_round, rcs = [], []
     for r in range(1, a.rounds + 1):
         pair = {}
-        for side, url, label in (("ours", a.ours, "semshare"), ("peer", a.peer, a.peer_label)):
+        targets = {"ours": (a.ours, "semshare"), "peer": (a.peer, a.peer_label)}
+        for side in round_order(a.order, r):
+            url, label = targets[side]
             stem = f"{side}-r{r}"
             rcs.append(load.main(["--url", url, "--label", label, "--workload", a.workload, "--concurrency",
                                   str(a.concurrency), "--seed", str(r), "--name", stem, "--out-dir", str(runs_dir),
@@ -109,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             pair[side] = data["workloads"][a.workload][str(a.concurrency)]
         per_round.append(pair)
     res = {"name": name, "ours": a.ours, "peer": a.peer, "peer_label": a.peer_label, "workload": a.workload,
-           "concurrency": a.concurrency, "rounds": a.rounds, "per_round": per_round,
+           "concurrency": a.concurrency, "rounds": a.rounds, "order": a.order, "per_round": per_round,
            "summary": summarize(per_round)}
     save(a.out_dir, name, res, markdown(res))
     return 0 if all(rc == 0 for rc in rcs) else 1

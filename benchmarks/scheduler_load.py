@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", choices=("decode", "reuse"), default="decode")
     ap.add_argument("--length", type=int, default=1024, help="reuse: document length (tokens)")
     ap.add_argument("--reuse-new-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="reuse: prompts of round r are benchmarks.load's with "
+                    "--seed SEED+r at that level (the same documents for the same seed)")
     ap.add_argument("--name", default="scheduler-load-cpu")
     ap.add_argument("--out-dir", default=str(RESULTS))
     a = ap.parse_args(argv)
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(a.rounds):
         for c in a.clients:
             if a.workload == "reuse":
-                lvl = run_reuse_level(engine, c, seed=1000 * r + c, new_tokens=a.reuse_new_tokens, length=a.length)
+                lvl = run_reuse_level(engine, c, seed=a.seed + r, new_tokens=a.reuse_new_tokens, length=a.length)
             else:
                 lvl = run_level(engine, c, a.per_client, a.prompt_tokens, a.new_tokens, seed=r)
             runs.append({"round": r + 1, **lvl})

@@ -1,6 +1,8 @@
 """The interleaved-rounds driver's pure parts: spreads, per-round ratios and the table."""
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import interleave
 
 
@@ -25,6 +27,17 @@ def test_markdown_lists_every_round_and_metric():
     res = {"name": "t", "ours": "u1", "peer": "u2", "peer_label": "p", "workload": "decode", "concurrency": 8,
            "rounds": 2, "per_round": rounds, "summary": interleave.summarize(rounds)}
     md = interleave.markdown(res)
-    assert "\n| 1 | 50.0 | 100.0 | 0.50 |" in md and "\n| 2 | 55.0 | 110.0 | 0.50 |" in md
+    assert "\n| 1 | ours | 50.0 | 100.0 | 0.50 |" in md and "\n| 2 | ours | 55.0 | 110.0 | 0.50 |" in md
+    md = interleave.markdown({**res, "order": "alternate"})
+    assert "\n| 1 | ours | 50.0 |" in md and "\n| 2 | peer | 55.0 |" in md
     for m in interleave.METRICS:
         assert f"\n| {m} |" in md
+
+
+def test_alternate_order_swaps_who_runs_first_each_round():
+    firsts = [interleave.round_order("alternate", r)[0] for r in range(1, 6)]
+    assert firsts == ["ours", "peer", "ours", "peer", "ours"]
+    assert all(interleave.round_order("ours-first", r) == ("ours", "peer") for r in range(1, 4))
+    assert all(interleave.round_order("peer-first", r) == ("peer", "ours") for r in range(1, 4))
+    with pytest.raises(ValueError):
+        interleave.round_order("random", 1)
