@@ -121,6 +121,13 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _own_ids(ids) -> np.ndarray:
+    """int64 ``[n]`` ids in writable memory: ids that came through Ray are read-only views of
+    the object store, which ``torch.from_numpy`` accepts only with a UserWarning per call."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return ids if ids.flags.writeable else ids.copy()
+
+
 class SemShareEngine:
     """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
 
@@ -193,7 +200,7 @@ class SemShareEngine:
         replay is one unit, and so is a hit on several ``sources`` (:meth:`prefill_multi`).
         """
         cfg = config or self.config
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = _own_ids(ids)
         if ids.size == 0:
             raise ValueError("empty prompt")
         if sources:  # several references: one unit (:meth:`prefill_multi`)
@@ -412,7 +419,7 @@ class SemShareEngine:
         into the recomputed set.
         """
         cfg = config or self.config
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = _own_ids(ids)
         if ids.size == 0:
             raise ValueError("empty prompt")
         kvs = list(sources_kv) if sources_kv is not None else [None] * len(sources)

@@ -412,3 +412,17 @@ def test_a_hit_that_would_recompute_everything_is_a_full_prefill(engine):
     assert engine.planned_rows(n, 0, engine.config.with_(recompute_min_tokens=n)) > n * engine.num_layers
     # recompute_ratio 1.0 stays the selective path (it is how exactness is checked)
     assert engine.prefill(ids, ref, engine.config.with_(recompute_ratio=1.0)).stats.hit
+
+
+def test_read_only_ids_as_from_the_object_store_are_copied_before_torch_sees_them(engine):
+    """Ids that came through Ray are read-only views; the engine works on a writable copy
+    (torch warns about read-only arrays, once per process, so the test checks the copy)."""
+    from semshare_core.engine import _own_ids
+
+    ids = _prompt(engine)
+    ro = ids.copy()
+    ro.flags.writeable = False
+    own = _own_ids(ro)
+    assert own.flags.writeable and np.array_equal(own, ids) and own is not ro
+    assert _own_ids(ids) is ids                                   # writable int64 ids: no copy
+    assert torch.equal(engine.prefill(ro).logits, engine.prefill(ids).logits)
