@@ -82,6 +82,11 @@ class SchedulerConfig:
     batch size at most. ``max_step_tokens``: prompt tokens prefilled plus tokens
     decoded per step (what a prefill unit counts: :meth:`Scheduler.unit_cost`; at least
     one unit runs per step). ``prefill_chunk``: tokens per full-prefill chunk.
+    ``idle_prefill_tokens``: a full prefill of at most this many tokens that starts while
+    nothing else is running, prefilling or waiting runs in one piece instead: there is no
+    stream to protect, one piece is cheaper than chunks (each later chunk attends over the
+    cache through an explicit mask), and it is exactly ``generate``'s prefill. A request
+    that arrives meanwhile waits for it, so the cap bounds that wait; 0 = always chunk.
     ``kv_budget_bytes``: KV memory the admitted requests may reserve: each reserves its
     prompt's full KV (held until exported) plus a decode cache for prompt +
     ``max_new_tokens`` rows, counted in the model's real per-token KV bytes; None =
@@ -92,6 +97,7 @@ class SchedulerConfig:
     max_running: int = 16
     max_step_tokens: int = 512
     prefill_chunk: int = 512
+    idle_prefill_tokens: int = 2048
     kv_budget_bytes: Optional[int] = None
     max_waiting: int = 64
     step_history: int = 4096
@@ -102,6 +108,8 @@ class SchedulerConfig:
             raise ValueError("max_running must be >= 1")
         if self.max_step_tokens < 1 or self.prefill_chunk < 1:
             raise ValueError("max_step_tokens and prefill_chunk must be >= 1")
+        if self.idle_prefill_tokens < 0:
+            raise ValueError("idle_prefill_tokens must be >= 0")
         if self.kv_budget_bytes is not None and self.kv_budget_bytes < 1:
             raise ValueError("kv_budget_bytes must be >= 1 (or None)")
         if self.max_waiting < 0:
@@ -435,7 +443,7 @@ class Scheduler:
         """Run one unit of ``r``'s prefill: ``(tokens processed, prefill finished)``."""
         eng = self.engine
         if r._steps is None:
-            r._steps = eng.prefill_steps(r.ids, r.reference, r.config, r.reference_kv, chunk=self.config.prefill_chunk,
+            r._steps = eng.prefill_steps(r.ids, r.reference, r.config, r.reference_kv, chunk=self._chunk_for(r),
                                          sources=r.sources, sources_kv=r.sources_kv)
             r._prefilled_tokens = 0
         try:
@@ -455,6 +463,13 @@ class Scheduler:
             return 0, False
         self._prefilled(r, pre)
         return int(r.ids.size) - r._prefilled_tokens, True
+
+    def _chunk_for(self, r: Request) -> Optional[int]:
+        """Chunk size of ``r``'s full prefill (it applies only to one): None (one piece) when
+        ``r`` starts on an idle scheduler and fits ``idle_prefill_tokens``, else ``prefill_chunk``."""
+        cfg = self.config
+        idle = not self.running and not self.waiting and not self._inbox and all(p is r for p in self.prefilling)
+        return None if idle and int(r.ids.size) <= cfg.idle_prefill_tokens else cfg.prefill_chunk
 
     def _prefilled(self, r: Request, pre: PrefillResult) -> None:
         r.result, r._steps = pre, None

@@ -96,6 +96,10 @@ class AppArgs(BaseModel):
     max_step_tokens: int = Field(512, ge=1, description="prompt tokens prefilled + tokens decoded per step")
     prefill_chunk: int = Field(512, ge=16, description="a full prefill runs in chunks of this many tokens, "
                                "so running decodes stall by at most about one chunk")
+    idle_prefill_tokens: int = Field(2048, ge=0, description="a full prefill of at most this many tokens that "
+                                     "starts on an idle replica (nothing running or waiting) runs in one piece: "
+                                     "faster than chunks and exactly generate()'s prefill; a request arriving "
+                                     "meanwhile waits for it; 0 = always chunk")
     kv_budget_bytes: Optional[int] = Field(None, ge=1, description="KV the admitted requests may reserve per "
                                            "replica; None: 10% of RAM up to 2 GiB on CPU, 30% of the replica's "
                                            "share of accelerator memory")
@@ -199,7 +203,8 @@ class AppArgs(BaseModel):
         budget = self.kv_budget_bytes if self.kv_budget_bytes is not None else default_kv_budget(device,
                                                                                                  self.num_gpus)
         return SchedulerConfig(max_running=self.running_limit(), max_step_tokens=self.max_step_tokens,
-                               prefill_chunk=self.prefill_chunk, kv_budget_bytes=budget,
+                               prefill_chunk=self.prefill_chunk, idle_prefill_tokens=self.idle_prefill_tokens,
+                               kv_budget_bytes=budget,
                                max_waiting=max(1, self.max_ongoing_requests), step_delay_s=self.fault_decode_delay_s)
 
     def semshare_config(self) -> SemShareConfig:

@@ -219,3 +219,11 @@ def test_decode_attention_is_validated():
     assert resolve_args({"preset": "tiny-random", "decode_attention": "sdpa"}).decode_attention == "sdpa"
     with pytest.raises(ValueError, match="decode_attention"):
         resolve_args({"preset": "tiny-random", "decode_attention": "flash"})
+
+
+def test_idle_prefill_tokens_reaches_the_scheduler_and_is_validated():
+    a = resolve_args({"preset": "tiny-random"})
+    assert a.scheduler_config("cpu").idle_prefill_tokens == 2048
+    assert resolve_args({"preset": "tiny-random", "idle_prefill_tokens": 0}).scheduler_config("cpu").idle_prefill_tokens == 0
+    with pytest.raises(ValueError, match="idle_prefill_tokens"):
+        resolve_args({"preset": "tiny-random", "idle_prefill_tokens": -1})

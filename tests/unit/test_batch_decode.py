@@ -386,3 +386,51 @@ def test_an_early_first_token_comes_from_the_identical_one_of_several_sources():
     _run(sched, [])
     assert early.tokens == usual.tokens == _reference_tokens(engine, doc, entry, 5)
     assert early.events[1][0] == "prefilled" and early.events[1][1].stats.recomputed_tokens == 0
+
+
+def _prefill_steps_of(sched, requests) -> list[int]:
+    for r in requests:
+        sched.submit(r)
+    per_step = []
+    while sched.has_work() or sched._inbox:
+        per_step.append(sched.step().prefill_tokens)
+    return per_step
+
+
+def test_a_full_prefill_on_an_idle_scheduler_runs_in_one_piece_like_generate():
+    """Nothing running or waiting: a prompt up to idle_prefill_tokens is prefilled in one unit,
+    the same forward as a plain prefill (logits equal), not in prefill_chunk chunks."""
+    engine = tiny_engine("llama")
+    ids = _ids(engine, 0, 14)
+    assert ids.size > 32
+    got = []
+    sched = Scheduler(engine, SchedulerConfig(max_step_tokens=32, prefill_chunk=32, idle_prefill_tokens=int(ids.size)))
+    sink = Collector()
+    per_step = _prefill_steps_of(sched, [Request(ids, GenParams(max_new_tokens=3, stop_on_eos=False),
+                                                 lambda ev: (got.append(ev[1]) if ev[0] == "prefilled" else None,
+                                                             sink(ev)))])
+    assert [t for t in per_step if t] == [ids.size]
+    assert torch.equal(got[0].logits, engine.prefill(ids).logits)
+    # longer than the cap, or with the cap at 0: chunks again
+    for cap in (int(ids.size) - 1, 0):
+        sched = Scheduler(engine, SchedulerConfig(max_step_tokens=32, prefill_chunk=32, idle_prefill_tokens=cap))
+        per_step = _prefill_steps_of(sched, [Request(ids, GenParams(max_new_tokens=3, stop_on_eos=False), Collector())])
+        assert max(per_step) <= 32 and sum(per_step) == ids.size
+
+
+def test_a_full_prefill_next_to_a_running_stream_still_goes_in_chunks():
+    engine = tiny_engine("llama")
+    short, long_ = _ids(engine, 100, 3), _ids(engine, 0, 14)
+    sched = Scheduler(engine, SchedulerConfig(max_step_tokens=32, prefill_chunk=32, idle_prefill_tokens=4096))
+    first = Collector()
+    sched.submit(Request(short, GenParams(max_new_tokens=40, stop_on_eos=False), first))
+    while not sched.running:
+        sched.step()
+    per_step = _prefill_steps_of(sched, [Request(long_, GenParams(max_new_tokens=2, stop_on_eos=False), Collector())])
+    assert max(per_step) <= 32 + 1 and sum(per_step) >= long_.size                 # chunks, decodes in between
+    assert first.finished == "length" and len(first.tokens) == 40
+
+
+def test_idle_prefill_tokens_is_validated():
+    with pytest.raises(ValueError, match="idle_prefill_tokens"):
+        SchedulerConfig(idle_prefill_tokens=-1)
