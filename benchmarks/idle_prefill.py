@@ -118,19 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS))
     a = ap.parse_args(argv)
 
-    from semshare_core import SemShareEngine
+    from .scheduler_load import bench_engine
 
     torch.set_num_threads(a.threads)
-    if a.model == "smollm2":
-        from semshare_core.models import load_smollm2
-
-        lm = load_smollm2()
-        engine, label = SemShareEngine(lm.model, lm.tokenizer), "SmolLM2-135M-Instruct bf16"
-    else:
-        from semshare_core.models import tiny_random_model, train_tiny_tokenizer
-
-        tok = train_tiny_tokenizer(512)
-        engine, label = SemShareEngine(tiny_random_model("llama", vocab_size=len(tok)), tok), "tiny random Llama fp32"
+    engine, label = bench_engine(a.model)
     load0 = os.getloadavg()
     res = run(engine, a.lengths, a.rounds, a.prefill_chunk)
     res.update(name=a.name, model=label,

@@ -44,6 +44,31 @@ from .results_io import save
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def run_threads(target, arg_tuples: list[tuple]) -> None:
+    """One thread per argument tuple running ``target``; returns when all have finished."""
+    threads = [threading.Thread(target=target, args=args) for args in arg_tuples]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def bench_engine(model: str):
+    """``(engine, label)`` for ``--model``: ``smollm2`` (the embedded default, bf16) or ``tiny``
+    (a random-weight Llama, fp32, with an offline tokenizer)."""
+    from semshare_core import SemShareEngine
+
+    if model == "smollm2":
+        from semshare_core.models import load_smollm2
+
+        lm = load_smollm2()
+        return SemShareEngine(lm.model, lm.tokenizer), "SmolLM2-135M-Instruct bf16"
+    from semshare_core.models import tiny_random_model, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(512)
+    return SemShareEngine(tiny_random_model("llama", vocab_size=len(tok)), tok), "tiny random Llama fp32"
+
+
 def run_level(engine, clients: int, per_client: int, prompt_tokens: int, new_tokens: int, seed: int,
               max_running: int = 16) -> dict:
     """One level: ``clients`` threads, ``per_client`` requests each, closed loop. Returns the level's numbers."""
@@ -76,11 +101,7 @@ def run_level(engine, clients: int, per_client: int, prompt_tokens: int, new_tok
 
     try:
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(client, [(k,) for k in range(clients)])
         wall = time.perf_counter() - t0
         steps = [s for s in sched.history if s.decoded]
     finally:
@@ -148,11 +169,7 @@ def run_reuse_level(engine, clients: int, seed: int, new_tokens: int = 32, lengt
 
     try:
         for phase in (list(first), list(rest)):
-            threads = [threading.Thread(target=client, args=(phase,)) for _ in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads(client, [(phase,)] * clients)
         wall = time.perf_counter() - t0
         steps = list(sched.history)
     finally:
@@ -260,19 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS))
     a = ap.parse_args(argv)
 
-    from semshare_core import SemShareEngine
-
     torch.set_num_threads(a.threads)
-    if a.model == "smollm2":
-        from semshare_core.models import load_smollm2
-
-        lm = load_smollm2()
-        engine, label = SemShareEngine(lm.model, lm.tokenizer), "SmolLM2-135M-Instruct bf16"
-    else:
-        from semshare_core.models import tiny_random_model, train_tiny_tokenizer
-
-        tok = train_tiny_tokenizer(512)
-        engine, label = SemShareEngine(tiny_random_model("llama", vocab_size=len(tok)), tok), "tiny random Llama fp32"
+    engine, label = bench_engine(a.model)
     load0 = os.getloadavg()
     runs = []
     for r in range(a.rounds):
