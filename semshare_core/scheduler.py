@@ -85,8 +85,8 @@ class SchedulerConfig:
     ``idle_prefill_tokens``: a full prefill of at most this many tokens that starts while
     nothing else is running, prefilling or waiting runs in one piece instead: there is no
     stream to protect, one piece is cheaper than chunks (measured: ``benchmarks.idle_prefill``),
-    and it is exactly ``generate``'s prefill. A request
-    that arrives meanwhile waits for it, so the cap bounds that wait; 0 = always chunk.
+    and it is exactly ``generate``'s prefill. A request that arrives meanwhile waits for it,
+    so the cap bounds that wait; 0 = always chunk.
     ``kv_budget_bytes``: KV memory the admitted requests may reserve: each reserves its
     prompt's full KV (held until exported) plus a decode cache for prompt +
     ``max_new_tokens`` rows, counted in the model's real per-token KV bytes; None =
