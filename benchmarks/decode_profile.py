@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode_profile                 # SmolLM2-135M bf16, 1 thread
     python -m benchmarks.decode_profile --contexts 100 1000 --batches 1 8 --steps 10
+    python -m benchmarks.decode_profile --attention native native+compiled   # eager vs compiled step
 
 Runs :func:`semshare_core.batch.batch_step` (the scheduler's decode step) on B requests of
 a given context length with each ``--attention`` (SDPA per request, and the native kernel of
@@ -12,7 +13,10 @@ the share of the step spent in the linear layers (matmuls, LM head included), at
 buffers) and everything else (norms, rotary, activations, Python and dispatch). The
 native kernel's share is its ``semshare::decode_attention`` profiler range, which also
 holds the Python that prepares its arguments and the range's own profiling overhead, so
-it reads high; the step times (unprofiled rounds) are what compare the two.
+it reads high; the step times (unprofiled rounds) are what compare the two. An arm
+``<attention>+compiled`` runs the same step compiled as one graph
+(:mod:`semshare_core.compiled_decode`; compiled once before the runs; a batch of one stays
+eager there); the markdown gives each arm's per-round step-time ratio to the first arm.
 Writes ``benchmarks/results/<name>.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -50,11 +54,19 @@ def classify(rows: list[tuple[str, float]]) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in out.items()}
 
 
-def measure(engine, context: int, batch: int, steps: int, rounds: int, kernels: dict, seed: int = 0) -> list[dict]:
-    """Step time of each attention in ``kernels`` (name -> kernel or None), rounds interleaved."""
+def measure(engine, context: int, batch: int, steps: int, rounds: int, kernels: dict, seed: int = 0,
+            compiled=None) -> list[dict]:
+    """Step time of each attention in ``kernels`` (name -> kernel or None), rounds interleaved.
+    A name ending in ``+compiled`` runs the step through ``compiled``
+    (:class:`semshare_core.compiled_decode.CompiledDecode`, already compiled) with that kernel."""
     from torch.profiler import ProfilerActivity, profile
 
-    from semshare_core.batch import batch_step
+    from semshare_core.batch import batch_step as eager_step
+
+    def batch_step(model, seqs, toks, kern, name=""):
+        if name.endswith("+compiled"):
+            return compiled.step(seqs, toks, kern)
+        return eager_step(model, seqs, toks, kern)
 
     rng = np.random.default_rng(seed)
     vocab = engine.signature.vocab_size
@@ -65,17 +77,17 @@ def measure(engine, context: int, batch: int, steps: int, rounds: int, kernels: 
         toks = [5] * batch
         per_round = {name: [] for name in kernels}
         for name, kern in kernels.items():
-            batch_step(engine.model, seqs[name], toks, kern)
+            batch_step(engine.model, seqs[name], toks, kern, name)
         for _ in range(rounds):
             for name, kern in kernels.items():
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    batch_step(engine.model, seqs[name], toks, kern)
+                    batch_step(engine.model, seqs[name], toks, kern, name)
                 per_round[name].append((time.perf_counter() - t0) / steps * 1e3)
         for name, kern in kernels.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
-                    batch_step(engine.model, seqs[name], toks, kern)
+                    batch_step(engine.model, seqs[name], toks, kern, name)
             rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
             med = statistics.median(per_round[name])
             shares = classify(rows)
@@ -83,6 +95,7 @@ def measure(engine, context: int, batch: int, steps: int, rounds: int, kernels: 
             out.append({"attention_impl": name, "context": context, "batch": batch, "step_ms": round(med, 2),
                         "step_ms_min": round(min(per_round[name]), 2), "step_ms_max": round(max(per_round[name]), 2),
                         "ms_per_token": round(med / batch, 2), "shares": shares,
+                        "per_round_ms": [round(x, 2) for x in per_round[name]],
                         "linear_ms": round(shares["linear"] * total_ms, 2),
                         "attention_ms": round(shares["attention"] * total_ms, 2)})
     return out
@@ -125,6 +138,24 @@ def markdown(res: dict) -> str:
                      f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']}) | "
                      f"{r['ms_per_token']} | {s['linear']:.0%} | {s['attention']:.0%} | {s['kv_append']:.0%} | "
                      f"{s['other']:.0%} |")
+    arms = list(dict.fromkeys(r.get("attention_impl", "sdpa") for r in res["runs"]))
+    if len(arms) > 1 and all(r.get("per_round_ms") for r in res["runs"]):
+        base = arms[0]
+        lines += ["", f"Step time against `{base}`, per round (the arms run interleaved in each round): "
+                  "median (min-max) of the rounds' ratios.", "",
+                  "| context | batch | " + " | ".join(f"{a} / {base}" for a in arms[1:]) + " |",
+                  "| ---: | ---: |" + " ---: |" * (len(arms) - 1)]
+        for ctx, b in dict.fromkeys((r["context"], r["batch"]) for r in res["runs"]):
+            by = {r.get("attention_impl", "sdpa"): r["per_round_ms"] for r in res["runs"]
+                  if (r["context"], r["batch"]) == (ctx, b)}
+            cells = []
+            for a in arms[1:]:
+                xs = [x / y for x, y in zip(by.get(a, []), by.get(base, []))]
+                cells.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "-")
+            lines.append(f"| {ctx} | {b} | " + " | ".join(cells) + " |")
+    if res.get("compile_s") is not None:
+        lines += ["", f"The compiled step (`compile_decode`) compiled in {res['compile_s']} s before the runs "
+                  "(not in the step times)."]
     if res.get("read_gbs"):
         lines += ["", f"Against memory bandwidth: this thread reads {res['read_gbs']} GB/s (sum over a 256 MiB "
                   f"tensor, median of 5, before the runs). A step streams {res['weight_mb']} MB of linear weights; "
@@ -154,8 +185,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-prepack", action="store_true")
-    p.add_argument("--attention", nargs="+", choices=("sdpa", "native"), default=["sdpa", "native"],
-                   help="decode attention(s) to time, interleaved (native: semshare_core.decode_kernel)")
+    p.add_argument("--attention", nargs="+", choices=("sdpa", "native", "native+compiled", "sdpa+compiled"),
+                   default=["sdpa", "native"],
+                   help="decode attention(s) to time, interleaved (native: semshare_core.decode_kernel; "
+                   "+compiled: the step compiled by semshare_core.compiled_decode)")
     p.add_argument("--name", default="decode-profile-cpu")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -165,21 +198,33 @@ def main(argv=None) -> int:
     read_gbs = read_bandwidth_gbs()
     from semshare_core import decode_kernel
 
-    kernels = {"sdpa": None, "native": decode_kernel.load()}
-    if kernels["native"] is None and "native" in a.attention:
+    native = decode_kernel.load()
+    if native is None and any(x.startswith("native") for x in a.attention):
         print(f"native decode attention unavailable: {decode_kernel.unavailable_reason() or 'build failed'}")
-    kernels = {k: v for k, v in kernels.items() if k in a.attention and (k == "sdpa" or v is not None)}
+    kernels = {k: (native if k.startswith("native") else None) for k in a.attention
+               if not k.startswith("native") or native is not None}
+    compiled, compile_s = None, None
+    if any(k.endswith("+compiled") for k in kernels):
+        from semshare_core.compiled_decode import CompiledDecode
+
+        compiled = CompiledDecode(engine.model)
+        t0 = time.perf_counter()
+        measure(engine, 16, 2, 2, 1, {k: v for k, v in kernels.items() if k.endswith("+compiled")}, compiled=compiled)
+        compile_s = round(time.perf_counter() - t0, 1)
+        if not compiled.active:
+            raise SystemExit(f"the compiled step is unavailable: {compiled.failed}")
     runs = []
     for ctx in a.contexts:
         for b in a.batches:
-            for run in measure(engine, ctx, b, a.steps, a.rounds, kernels):
+            for run in measure(engine, ctx, b, a.steps, a.rounds, kernels, compiled=compiled):
                 run["kv_mb"] = round(kv_bytes(engine, ctx, b) / 1e6, 1)
                 runs.append(run)
                 print(run, flush=True)
     res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": str(engine.dtype).replace("torch.", ""),
            "threads": a.threads, "prepacked": engine.prepacked, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "loadavg": [before, [round(x, 2) for x in os.getloadavg()]], "steps": a.steps, "rounds": a.rounds,
-           "read_gbs": read_gbs, "weight_mb": round(weight_bytes(lm.model) / 1e6, 1), "runs": runs}
+           "read_gbs": read_gbs, "weight_mb": round(weight_bytes(lm.model) / 1e6, 1), "runs": runs,
+           "compile_s": compile_s}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=1))
     (RESULTS / f"{a.name}.md").write_text(markdown(res))

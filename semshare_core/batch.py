@@ -151,8 +151,10 @@ class BatchCache:
         self.kernel = kernel
         self.q_heads = q_heads
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.touched = False  # set by the first update: the requests' caches have changed
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.touched = True
         kern = self.kernel
         if (kern is not None and self.q_heads is not None and key_states.stride(-1) == 1
                 and value_states.stride(-1) == 1
@@ -216,12 +218,13 @@ ALL_ATTENTION_FUNCTIONS.register(IMPL, _ragged_attention)
 
 
 @contextlib.contextmanager
-def batched_attention(model: torch.nn.Module, cache: BatchCache, kernel=None) -> Iterator[None]:
-    """Route the model's attention through :data:`IMPL` for one step (one thread at a time)."""
+def batched_attention(model: torch.nn.Module, cache: BatchCache, kernel=None, impl: str = IMPL) -> Iterator[None]:
+    """Route the model's attention through ``impl`` (:data:`IMPL`, or the compiled step's)
+    for one step (one thread at a time)."""
     cfg = model.config
     prev = cfg._attn_implementation
     _STATE.cache, _STATE.kernel = cache, kernel
-    cfg._attn_implementation = IMPL
+    cfg._attn_implementation = impl
     try:
         yield
     finally:

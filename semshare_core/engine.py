@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from .prompts import encode_chat, encode_text
 from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
 from .prefill import full_length_cache, full_prefill, probe_runs, selective_prefill
 from .prepack import prepack_linears
+from .compiled_decode import CompiledDecode, wanted as compile_wanted
 from .decode_kernel import resolve as resolve_decode_kernel
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -132,12 +133,15 @@ class SemShareEngine:
     """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SemShareConfig | None = None,
-                 prepack: bool = True, decode_attention: str = "auto"):
+                 prepack: bool = True, decode_attention: str = "auto", compile_decode: str = "off"):
         """``prepack``: on a CPU with bf16 weights, decode-sized matmuls use weights re-laid
         out once for oneDNN (:mod:`semshare_core.prepack`; same results, ~2x faster).
         ``decode_attention``: ``auto`` (bf16 on a CPU with AVX512-BF16: the native kernel of
         :mod:`semshare_core.decode_kernel`, else SDPA), ``native`` (that kernel or an error),
-        ``sdpa`` (always SDPA: bf16 decode bit-identical to ``model.generate``)."""
+        ``sdpa`` (always SDPA: bf16 decode bit-identical to ``model.generate``).
+        ``compile_decode``: batched decode steps as one compiled graph
+        (:mod:`semshare_core.compiled_decode`): ``auto`` (bf16 on a CPU with a C++ compiler),
+        ``on``, ``off`` (the default here; the server's default is ``auto``)."""
         self.family = family_of(model)  # UnsupportedModelError names what the method cannot do
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -155,6 +159,30 @@ class SemShareEngine:
         self.layer_slots = PinnedSlots(self.device)
         self.prepacked = prepack_linears(model) if prepack else 0
         self.decode_kernel = resolve_decode_kernel(decode_attention, self.device, self.dtype)
+        self.compiled_decode = CompiledDecode(model) if compile_wanted(compile_decode, self.device, self.dtype) else None
+
+    def decode_step(self, seqs, tokens) -> torch.Tensor:
+        """One batched decode step (:func:`semshare_core.batch.batch_step`'s contract), compiled
+        where :attr:`compiled_decode` is on. Call with :attr:`lock` held."""
+        if self.compiled_decode is not None:
+            return self.compiled_decode.step(seqs, tokens, self.decode_kernel)
+        from .batch import batch_step
+
+        return batch_step(self.model, seqs, tokens, self.decode_kernel)
+
+    def warm_compiled_decode(self) -> Optional[float]:
+        """Compile the batched decode step now (two short throwaway requests, two steps),
+        so the first real batch does not wait for it: seconds taken, or None when the
+        compiled step is off. A failed compile leaves it off (logged)."""
+        if self.compiled_decode is None:
+            return None
+        t0 = time.perf_counter()
+        ids = np.arange(8, dtype=np.int64) % max(2, self.signature.vocab_size - 1) + 1
+        with self.lock, torch.inference_mode():
+            seqs = [self.decode_state(self.prefill(ids[: 8 - i])) for i in range(2)]
+            for _ in range(2):
+                self.compiled_decode.step(seqs, [1, 2], self.decode_kernel)
+        return time.perf_counter() - t0
 
     # prompts ---------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
@@ -578,8 +606,6 @@ class SemShareEngine:
         the decode cache is copied into a :class:`~semshare_core.batch.SeqKV` (left in
         ``pre.cache``), so during decode only the retained rows stay in memory.
         """
-        from .batch import batch_step
-
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,))))
         logits, state = pre.logits, None
@@ -593,7 +619,7 @@ class SemShareEngine:
                 pre.release_full_kv()
                 pre.cache = state
             with self.lock, torch.inference_mode():
-                logits = batch_step(self.model, [state], [tok], self.decode_kernel)[0]
+                logits = self.decode_step([state], [tok])[0]
 
     def generate(self, ids: np.ndarray, reference: PackedKV | None = None, **decode_kw) -> tuple[list[int], PrefillStats]:
         pre = self.prefill(ids, reference)

@@ -59,7 +59,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .batch import SeqKV, batch_step
+from .batch import SeqKV
 from .engine import PrefillResult, SemShareEngine, sample_token
 from .kv import PackedKV
 
@@ -515,8 +515,7 @@ class Scheduler:
             return 0
         try:
             with self.engine.lock:
-                logits = batch_step(self.engine.model, [r._seq for r in batch], [r._last for r in batch],
-                                    self.engine.decode_kernel)
+                logits = self.engine.decode_step([r._seq for r in batch], [r._last for r in batch])
         except Exception as e:  # noqa: BLE001 - the batch's caches are in an unknown state
             logger.exception("decode step for %d requests failed", len(batch))
             for r in batch:

@@ -98,10 +98,12 @@ class SemShareServer:
         lm = load_model(self.args)
         self.model_name = self.args.served_model_name()
         self.engine = SemShareEngine(lm.model, lm.tokenizer, self.args.semshare_config(),
-                                     decode_attention=self.args.decode_attention)
-        logger.info("decode attention: %s (decode_attention=%s)",
+                                     decode_attention=self.args.decode_attention,
+                                     compile_decode=self.args.compile_decode)
+        logger.info("decode attention: %s (decode_attention=%s); decode step: %s (compile_decode=%s)",
                     f"native kernel {self.engine.decode_kernel.path.name}" if self.engine.decode_kernel else "SDPA",
-                    self.args.decode_attention)
+                    self.args.decode_attention, "compiled" if self.engine.compiled_decode else "eager",
+                    self.args.compile_decode)
         self.tok_digest = tokenizer_digest(lm.tokenizer)
         self.sig_digest = signature_digest(self.engine.signature)
         self.load_s = time.perf_counter() - t0
@@ -161,9 +163,12 @@ class SemShareServer:
         except Exception:
             self.scheduler.stop()
             raise
+        cd = self.engine.compiled_decode
         logger.info("SemShareServer %s warmed up in %.0f ms: full prefill of %d tokens, %d decode steps, hit "
-                    "path %s", self.replica, rep.ms, rep.prompt_tokens, rep.decode_steps,
-                    f"ran ({rep.staging})" if rep.hit else f"did not run ({rep.hit_error or 'no hit'})")
+                    "path %s, decode step %s", self.replica, rep.ms, rep.prompt_tokens, rep.decode_steps,
+                    f"ran ({rep.staging})" if rep.hit else f"did not run ({rep.hit_error or 'no hit'})",
+                    "eager" if cd is None else (f"compiled in {rep.compile_s:.1f}s" if cd.active
+                                                else f"eager (compile failed: {cd.failed})"))
         return rep
 
     def _fallback(self, reason: str) -> str:
@@ -501,7 +506,15 @@ class SemShareServer:
                 "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict(),
                 "scheduler": self.scheduler.stats(),
                 "decode_attention": "native" if self.engine.decode_kernel is not None else "sdpa",
+                "compile_decode": self._compile_state(),
                 "warmup": self.warmup.as_dict() if self.warmup is not None else {"ran": False}}
+
+    def _compile_state(self) -> dict:
+        cd = self.engine.compiled_decode
+        if cd is None:
+            return {"mode": self.args.compile_decode, "active": False}
+        return {"mode": self.args.compile_decode, "active": cd.active, "failed": cd.failed,
+                "compiled_steps": cd.compiled_steps}
 
     def record_routing_stats(self) -> dict:
         """Shipped to routers (``replica.routing_stats``): the hot tier's fill."""

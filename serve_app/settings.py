@@ -73,6 +73,10 @@ class AppArgs(BaseModel):
         "auto", description="decode-step attention: auto = a native kernel for bf16 on CPUs with AVX512-BF16 "
         "(built with the system C compiler at replica start), else SDPA; native = that kernel or fail at start; "
         "sdpa = always SDPA (bf16 decode bit-identical to transformers' generate)")
+    compile_decode: Literal["auto", "on", "off"] = Field(
+        "auto", description="batched decode steps as one torch.compile (inductor) graph: auto = for bf16 on a CPU "
+        "with a C++ compiler (compiled during the replica's warm-up, ~1-2 min the first time on one core), on = "
+        "always, off = eager steps (bf16 decode rounding as transformers' generate, with decode_attention=sdpa)")
     # deployments
     num_replicas: int = Field(1, ge=1, le=1024)
     autoscaling_config: Optional[AutoscalingArgs] = Field(

@@ -29,3 +29,20 @@ def test_measure_runs_the_batched_step_on_a_tiny_model():
     md = markdown({"name": "t", "model": "m", "dtype": "float32", "threads": 1, "prepacked": 0, "machine": "x",
                    "loadavg": [], "steps": 2, "rounds": 2, "runs": [r], "read_gbs": 5.0, "weight_mb": 1.0})
     assert "weights GB/s" in md
+
+
+def test_a_compiled_arm_is_timed_beside_the_eager_one_with_per_round_ratios():
+    from semshare_core.compiled_decode import CompiledDecode
+    from tests.unit.tiny import tiny_engine
+
+    eng = tiny_engine("llama")
+    compiled = CompiledDecode(eng.model)
+    runs = measure(eng, context=20, batch=3, steps=2, rounds=3, kernels={"sdpa": None, "sdpa+compiled": None},
+                   compiled=compiled)
+    assert [r["attention_impl"] for r in runs] == ["sdpa", "sdpa+compiled"]
+    assert compiled.active and compiled.compiled_steps >= 3 * 2
+    assert all(len(r["per_round_ms"]) == 3 for r in runs)
+    md = markdown({"name": "t", "model": "m", "dtype": "float32", "threads": 1, "prepacked": 0, "machine": "x",
+                   "loadavg": [], "steps": 2, "rounds": 3, "runs": runs, "compile_s": 1.0})
+    assert "| context | batch | sdpa+compiled / sdpa |" in md and "| 20 | 3 | " in md
+    assert "compiled in 1.0 s" in md
