@@ -35,6 +35,7 @@ from .staging import HostStaging, ImmediateFeed, LayerFeed, PinnedSlots
 from .prefill import full_length_cache, full_prefill, probe_runs, selective_prefill
 from .prepack import prepack_linears
 from .compiled_decode import CompiledDecode, wanted as compile_wanted
+from .compiled_prefill import CompiledPrefill
 from .decode_kernel import resolve as resolve_decode_kernel
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -133,7 +134,8 @@ class SemShareEngine:
     """One model + tokenizer + config. Thread-safe: calls are serialised by a lock."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SemShareConfig | None = None,
-                 prepack: bool = True, decode_attention: str = "auto", compile_decode: str = "off"):
+                 prepack: bool = True, decode_attention: str = "auto", compile_decode: str = "off",
+                 compile_prefill: str = "off"):
         """``prepack``: on a CPU with bf16 weights, decode-sized matmuls use weights re-laid
         out once for oneDNN (:mod:`semshare_core.prepack`; same results, ~2x faster).
         ``decode_attention``: ``auto`` (bf16 on a CPU with AVX512-BF16: the native kernel of
@@ -141,7 +143,9 @@ class SemShareEngine:
         ``sdpa`` (always SDPA: bf16 decode bit-identical to ``model.generate``).
         ``compile_decode``: batched decode steps as one compiled graph
         (:mod:`semshare_core.compiled_decode`): ``auto`` (bf16 on a CPU with a C++ compiler),
-        ``on``, ``off`` (the default here; the server's default is ``auto``)."""
+        ``on``, ``off`` (the default here; the server's default is ``auto``).
+        ``compile_prefill``: full prefills (and their chunks) as one compiled graph
+        (:mod:`semshare_core.compiled_prefill`), same modes and defaults."""
         self.family = family_of(model)  # UnsupportedModelError names what the method cannot do
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -160,6 +164,27 @@ class SemShareEngine:
         self.prepacked = prepack_linears(model) if prepack else 0
         self.decode_kernel = resolve_decode_kernel(decode_attention, self.device, self.dtype)
         self.compiled_decode = CompiledDecode(model) if compile_wanted(compile_decode, self.device, self.dtype) else None
+        self.compiled_prefill = (CompiledPrefill(model) if compile_wanted(compile_prefill, self.device, self.dtype)
+                                 else None)
+
+    def _full_forward(self, ids: torch.Tensor, cache=None):
+        """:func:`~semshare_core.prefill.full_prefill` of ``ids`` after ``cache``'s rows, compiled
+        where :attr:`compiled_prefill` is on."""
+        if self.compiled_prefill is not None:
+            return self.compiled_prefill.forward(ids, cache)
+        return full_prefill(self.model, ids, cache)
+
+    def warm_compiled_prefill(self) -> Optional[float]:
+        """Compile the full prefill now (a short throwaway prompt in two chunks): seconds
+        taken, or None when it is off. A failed compile leaves it off (logged)."""
+        if self.compiled_prefill is None:
+            return None
+        t0 = time.perf_counter()
+        ids = torch.arange(1, 17, dtype=torch.long) % max(2, self.signature.vocab_size - 1) + 1
+        with self.lock, torch.inference_mode():
+            _, cache = self.compiled_prefill.forward(ids[:9])
+            self.compiled_prefill.forward(ids[9:], cache)
+        return time.perf_counter() - t0
 
     def decode_step(self, seqs, tokens) -> torch.Tensor:
         """One batched decode step (:func:`semshare_core.batch.batch_step`'s contract), compiled
@@ -252,16 +277,17 @@ class SemShareEngine:
             b = min(int(ids.size), a + chunk)
             with self.lock, torch.inference_mode():
                 t0 = time.perf_counter()
-                logits, cache = full_prefill(self.model, t[a:b], cache)
+                logits, cache = self._full_forward(t[a:b], cache)
                 ms += (time.perf_counter() - t0) * 1e3
             if b < ids.size:
                 yield b - a
         return self._full_result(ids, logits, cache, ms)
 
     def _full(self, ids: np.ndarray, mapping_ms: float = 0.0) -> PrefillResult:
-        """A plain full prefill (``model.forward``, exactly what ``generate`` does)."""
+        """A plain full prefill (``model.forward``, exactly what ``generate`` does; compiled
+        where :attr:`compiled_prefill` is on)."""
         t0 = time.perf_counter()
-        logits, cache = full_prefill(self.model, torch.from_numpy(ids))
+        logits, cache = self._full_forward(torch.from_numpy(ids))
         return self._full_result(ids, logits, cache, (time.perf_counter() - t0) * 1e3, mapping_ms)
 
     def _full_result(self, ids: np.ndarray, logits: torch.Tensor, cache, ms: float,

@@ -99,11 +99,14 @@ class SemShareServer:
         self.model_name = self.args.served_model_name()
         self.engine = SemShareEngine(lm.model, lm.tokenizer, self.args.semshare_config(),
                                      decode_attention=self.args.decode_attention,
-                                     compile_decode=self.args.compile_decode)
-        logger.info("decode attention: %s (decode_attention=%s); decode step: %s (compile_decode=%s)",
+                                     compile_decode=self.args.compile_decode,
+                                     compile_prefill=self.args.compile_prefill)
+        logger.info("decode attention: %s (decode_attention=%s); decode step: %s (compile_decode=%s); full "
+                    "prefill: %s (compile_prefill=%s)",
                     f"native kernel {self.engine.decode_kernel.path.name}" if self.engine.decode_kernel else "SDPA",
                     self.args.decode_attention, "compiled" if self.engine.compiled_decode else "eager",
-                    self.args.compile_decode)
+                    self.args.compile_decode, "compiled" if self.engine.compiled_prefill else "eager",
+                    self.args.compile_prefill)
         self.tok_digest = tokenizer_digest(lm.tokenizer)
         self.sig_digest = signature_digest(self.engine.signature)
         self.load_s = time.perf_counter() - t0
@@ -163,12 +166,14 @@ class SemShareServer:
         except Exception:
             self.scheduler.stop()
             raise
-        cd = self.engine.compiled_decode
+        def compiled(c, secs):
+            return "eager" if c is None else (f"compiled in {secs:.1f}s" if c.active
+                                              else f"eager (compile failed: {c.failed})")
         logger.info("SemShareServer %s warmed up in %.0f ms: full prefill of %d tokens, %d decode steps, hit "
-                    "path %s, decode step %s", self.replica, rep.ms, rep.prompt_tokens, rep.decode_steps,
-                    f"ran ({rep.staging})" if rep.hit else f"did not run ({rep.hit_error or 'no hit'})",
-                    "eager" if cd is None else (f"compiled in {rep.compile_s:.1f}s" if cd.active
-                                                else f"eager (compile failed: {cd.failed})"))
+                    "path %s, decode step %s, full prefill %s", self.replica, rep.ms, rep.prompt_tokens,
+                    rep.decode_steps, f"ran ({rep.staging})" if rep.hit else f"did not run ({rep.hit_error or 'no hit'})",
+                    compiled(self.engine.compiled_decode, rep.compile_s or 0.0),
+                    compiled(self.engine.compiled_prefill, rep.compile_prefill_s or 0.0))
         return rep
 
     def _fallback(self, reason: str) -> str:
@@ -507,6 +512,7 @@ class SemShareServer:
                 "scheduler": self.scheduler.stats(),
                 "decode_attention": "native" if self.engine.decode_kernel is not None else "sdpa",
                 "compile_decode": self._compile_state(),
+                "compile_prefill": self._compile_prefill_state(),
                 "warmup": self.warmup.as_dict() if self.warmup is not None else {"ran": False}}
 
     def _compile_state(self) -> dict:
@@ -515,6 +521,13 @@ class SemShareServer:
             return {"mode": self.args.compile_decode, "active": False}
         return {"mode": self.args.compile_decode, "active": cd.active, "failed": cd.failed,
                 "compiled_steps": cd.compiled_steps}
+
+    def _compile_prefill_state(self) -> dict:
+        cp = self.engine.compiled_prefill
+        if cp is None:
+            return {"mode": self.args.compile_prefill, "active": False}
+        return {"mode": self.args.compile_prefill, "active": cp.active, "failed": cp.failed,
+                "compiled_chunks": cp.compiled_chunks}
 
     def record_routing_stats(self) -> dict:
         """Shipped to routers (``replica.routing_stats``): the hot tier's fill."""

@@ -5,9 +5,11 @@ cuBLAS handles and primitive caches, allocator growth, pinned staging buffers, t
 intra-op thread pool of the engine thread). :func:`warm_up` pays them once, through the
 real engine path, on the replica's own scheduler thread:
 
-0. where the batched decode step is compiled (``compile_decode``), its compile: two short
+0. where the batched decode step or the full prefill is compiled (``compile_decode``,
+   ``compile_prefill``), their compiles: a short throwaway prompt prefilled in two chunks, two
    throwaway requests decoded together, on the calling thread while the scheduler idles
-   (:meth:`SemShareEngine.warm_compiled_decode`; a failed compile leaves eager steps);
+   (:meth:`SemShareEngine.warm_compiled_prefill` / ``warm_compiled_decode``; a failed compile
+   leaves the eager path);
 1. a full prefill of a short fixed prompt (at most ``WARMUP_MAX_TOKENS`` tokens, from
    the served tokenizer) and ``WARMUP_DECODE_STEPS`` batched decode steps;
 2. a hit: the same prompt with one token changed, prefilled with the first prompt's own
@@ -53,6 +55,7 @@ class WarmupReport:
     staging: Optional[str] = None
     hit_error: Optional[str] = None
     compile_s: Optional[float] = None  # the compiled decode step's compile (None: not compiled)
+    compile_prefill_s: Optional[float] = None  # the compiled full prefill's compile (None: not compiled)
 
     def as_dict(self) -> dict:
         return {"ran": True, **asdict(self), "ms": round(self.ms, 3)}
@@ -105,6 +108,7 @@ def warm_up(engine, scheduler: Scheduler) -> WarmupReport:
     """Run the warm-up (module docstring) on ``scheduler`` (started, idle, owning ``engine``)
     and reset its counters. Raises when the full prefill or the decode fails."""
     t0 = time.perf_counter()
+    compile_prefill_s = engine.warm_compiled_prefill()
     compile_s = engine.warm_compiled_decode()
     ids = warmup_prompt(engine)
     # no floor of recomputed rows and no minimum length: the short prompt really takes the hit path
@@ -121,4 +125,5 @@ def warm_up(engine, scheduler: Scheduler) -> WarmupReport:
     return WarmupReport((time.perf_counter() - t0) * 1e3, int(ids.size), max(0, tokens - 1), hit,
                         hit_pre.stats.staging if hit else None,
                         None if err is None else f"{type(err).__name__}: {err}",
-                        None if compile_s is None else round(compile_s, 3))
+                        None if compile_s is None else round(compile_s, 3),
+                        None if compile_prefill_s is None else round(compile_prefill_s, 3))

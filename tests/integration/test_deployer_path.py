@@ -118,6 +118,7 @@ def test_a_replica_warms_up_before_it_runs_and_leaves_no_trace(dp):
     assert w["ran"] is True and w["hit"] is True and w["decode_steps"] == 2 and w["prompt_tokens"] >= 16, w
     assert 0 < w["ms"] < 10_000, w  # ~40 ms for this model on an idle core
     assert w["compile_s"] is None and info["compile_decode"] == {"mode": "auto", "active": False}  # fp32: eager
+    assert w["compile_prefill_s"] is None and info["compile_prefill"] == {"mode": "auto", "active": False}
     assert info["scheduler"]["steps"] == 0 and info["scheduler"]["submitted"] == 0, info["scheduler"]
     assert not any(v for k, v in info["counters"].items()), info["counters"]
     assert info["reuse"]["hot"]["entries"] == 0 and info["reuse"]["registered"] == 0

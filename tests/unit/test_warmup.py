@@ -33,7 +33,7 @@ def test_warm_up_runs_every_path_and_leaves_no_trace(scheduler):
     assert len(scheduler.history) == 0 and st["running"] == st["waiting"] == st["reserved_bytes"] == 0
     d = rep.as_dict()
     assert d["ran"] is True and d["hit"] is True
-    assert rep.compile_s is None  # fp32 under compile_decode="auto" (the library default is off): nothing compiled
+    assert rep.compile_s is None and rep.compile_prefill_s is None  # the library default is off: nothing compiled
 
 
 def test_reset_stats_refuses_while_requests_are_in_the_scheduler():
@@ -59,7 +59,7 @@ def test_warm_up_compiles_the_decode_step_first_where_it_is_on():
     from serve_app.warmup import warm_up
 
     base = tiny_engine("llama")
-    engine = SemShareEngine(base.model, base.tokenizer, base.config, compile_decode="on")
+    engine = SemShareEngine(base.model, base.tokenizer, base.config, compile_decode="on", compile_prefill="on")
     s = Scheduler(engine, SchedulerConfig(max_running=4))
     s.start()
     try:
@@ -68,6 +68,8 @@ def test_warm_up_compiles_the_decode_step_first_where_it_is_on():
         s.stop()
     assert rep.compile_s is not None and rep.compile_s > 0 and rep.as_dict()["compile_s"] == rep.compile_s
     assert engine.compiled_decode.active and engine.compiled_decode.compiled_steps >= 2
+    assert rep.compile_prefill_s is not None and rep.compile_prefill_s > 0
+    assert engine.compiled_prefill.active and engine.compiled_prefill.compiled_chunks >= 2
     assert all(v == 0 for v in s.counters.values())  # the compile ran beside the scheduler, not through it
 
 
@@ -78,5 +80,8 @@ def test_compile_decode_is_a_validated_setting():
 
     assert resolve_args({"preset": "tiny-random"}).compile_decode == "auto"
     assert resolve_args({"preset": "tiny-random", "compile_decode": "off"}).compile_decode == "off"
+    assert resolve_args({"preset": "tiny-random"}).compile_prefill == "auto"
+    with pytest.raises(ValidationError):
+        resolve_args({"preset": "tiny-random", "compile_prefill": 1})
     with pytest.raises(ValidationError):
         resolve_args({"preset": "tiny-random", "compile_decode": "always"})

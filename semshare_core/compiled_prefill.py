@@ -1,0 +1,161 @@
+"""A full prefill (or one chunk of it) compiled as one graph (``torch.compile``, inductor).
+
+On one CPU core a ~1k-token bf16 full prefill of SmolLM2 spends about a third of its time
+outside the matmuls and attention, in unfused bf16 elementwise ops (norms, rotary, SiLU,
+residuals, dtype round trips). Compiled with inductor (frozen weights, fused elementwise
+chains) the same prefill took ~0.7x the eager time in a one-off trial; vLLM-CPU compiles
+its whole model for the same reason. As with :mod:`semshare_core.compiled_decode`, the
+stock decoder layers are traced as they are, and what holds state stays eager:
+
+* each layer's attention, with the append of the chunk's K/V to the prompt's
+  ``DynamicCache`` (the same cache :func:`semshare_core.prefill.full_prefill` fills, so
+  export, decode and chunking work on it unchanged), is ONE opaque custom op
+  (``semshare::prefill_attention``): SDPA over the cache's rows, causal (bottom-right
+  aligned for a chunk after earlier chunks), with the model's sliding window;
+* the chunk length is dynamic (one graph for every length >= 2); a one-token chunk runs
+  eagerly.
+
+Used for bf16 on a CPU with a C++ compiler (``mode="auto"``), forced by ``"on"``, never
+with ``"off"``. Selective (hit) prefills are not compiled. A compiled bf16 prefill rounds
+differently from ``generate``'s (float32 kept between fused ops); float32 models keep the
+eager path under ``auto``. A failure while tracing or compiling, before the cache changed,
+logs once and falls back to the eager prefill for good.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+logger = logging.getLogger(__name__)
+
+IMPL = "semshare_prefill_compiled"
+_STATE = threading.local()
+
+
+@torch.library.custom_op("semshare::prefill_attention", mutates_args=())
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float,
+                      window: int) -> torch.Tensor:
+    """One layer of a prefill chunk (opaque to the compiler): appends the chunk's K/V
+    ``[1, Hkv, c, D]`` to the thread's current prompt cache and attends ``query [1, Hq, c, D]``
+    over all its rows ``[1, Hkv, past + c, D]``, causally, within ``window`` (0 = none).
+    Returns ``[1, c, Hq, D]``."""
+    _STATE.touched = True
+    k_all, v_all = _STATE.cache.update(key, value, layer)
+    c, n = query.shape[2], k_all.shape[2]
+    gqa = query.shape[1] != k_all.shape[1]
+    if n == c and (window <= 0 or window >= n):
+        out = F.scaled_dot_product_attention(query, k_all, v_all, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:  # after earlier chunks, or a window shorter than the rows: an explicit mask
+        q_pos = torch.arange(n - c, n, device=query.device)[:, None]
+        k_pos = torch.arange(n, device=query.device)[None, :]
+        mask = k_pos <= q_pos
+        if window > 0:
+            mask &= (q_pos - k_pos) < window
+        out = F.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
+
+
+@prefill_attention.register_fake
+def _(query, key, value, layer, scale, window):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
+class _TracedCache:
+    """The cache the traced layers see: rows are appended inside the custom op."""
+
+    is_compileable = True
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+_TRACED = _TracedCache()
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("compiled prefill: attention softcap / sinks are not supported")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    return torch.ops.semshare.prefill_attention(query, key, value, module.layer_idx, scale,
+                                                int(sliding_window or 0)), None
+
+
+ALL_ATTENTION_FUNCTIONS.register(IMPL, _attention)
+
+
+@contextlib.contextmanager
+def _routed(model: torch.nn.Module, cache):
+    cfg = model.config
+    prev = cfg._attn_implementation
+    _STATE.cache, _STATE.touched = cache, False
+    cfg._attn_implementation = IMPL
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = prev
+        _STATE.cache = None
+
+
+class CompiledPrefill:
+    """The compiled full-prefill forward of one model; :meth:`forward` has
+    :func:`semshare_core.prefill.full_prefill`'s contract."""
+
+    def __init__(self, model: torch.nn.Module):
+        from .prefill import _base, cache_kwarg, decoder_layers
+
+        self.model = model
+        self.base = _base(model)
+        self.layers = decoder_layers(model)
+        self.ckw = cache_kwarg(self.layers[0].forward)
+        self.failed: Optional[str] = None
+        self.compiled_chunks = 0
+        self._fn = torch.compile(self._forward, fullgraph=True, dynamic=None)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        hidden = base.embed_tokens(ids)                                       # [1, c, hidden]
+        pe = base.rotary_emb(hidden, pos)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe,
+                           **{self.ckw: _TRACED})
+        return self.model.lm_head(base.norm(hidden[:, -1:]))[0, -1].float()   # [vocab]
+
+    @property
+    def active(self) -> bool:
+        return self.failed is None
+
+    def forward(self, ids: torch.Tensor, cache=None):
+        """``(logits float32 [vocab], DynamicCache)`` for the chunk ``ids`` (int64 ``[c]``) after
+        the rows ``cache`` holds (None: the prompt's first chunk), as ``full_prefill``."""
+        from .prefill import full_length_cache, full_prefill
+
+        c = int(ids.numel())
+        if c < 2 or self.failed is not None:
+            return full_prefill(self.model, ids, cache)
+        cache = full_length_cache() if cache is None else cache
+        past = cache.get_seq_length()
+        dev = self.base.embed_tokens.weight.device
+        ids2 = ids.reshape(1, -1).to(dev)
+        pos = torch.arange(past, past + c, device=dev)[None]
+        torch._dynamo.mark_dynamic(ids2, 1)
+        torch._dynamo.mark_dynamic(pos, 1)
+        try:
+            with torch.no_grad(), torch._inductor.config.patch(freezing=True), _routed(self.model, cache):
+                logits = self._fn(ids2, pos)
+        except Exception as e:
+            if _STATE.touched:  # failed while running: the cache is part-way, as after an eager failure
+                raise
+            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
+            logger.warning("compiled prefill unavailable (%s); prefilling eagerly", self.failed)
+            return full_prefill(self.model, ids, cache)
+        self.compiled_chunks += 1
+        return logits, cache
