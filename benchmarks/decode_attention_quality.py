@@ -1,6 +1,7 @@
 """What the native decode-attention kernel changes in the tokens (SmolLM2 bf16, in-process).
 
     python -m benchmarks.decode_attention_quality --lengths 200 1000 --prompts 6 --tokens 64
+    python -m benchmarks.decode_attention_quality --compiled   # + the compiled prefill and decode step
 
 The kernel (:mod:`semshare_core.decode_kernel`) rounds differently from SDPA, so a bf16
 decode with it is no longer bit-identical to ``model.generate``. Is it further from the
@@ -51,6 +52,20 @@ def _forced(engine, ids, toks: list[int], kernel) -> list[torch.Tensor]:
     return out
 
 
+def forced_compiled(engine, prompts, refs: list[list[int]]) -> list[float]:
+    """Top-1 agreement of each prompt's ``refs`` tokens when ``engine`` (``compile_prefill`` and
+    ``compile_decode`` on) prefills each prompt compiled and decodes all of them as ONE batch
+    (the compiled step needs 2+ requests), teacher-forced on ``refs``."""
+    pres = [engine.prefill(ids) for ids in prompts]
+    tops = [[int(p.logits.argmax())] for p in pres]
+    seqs = [engine.decode_state(p) for p in pres]
+    for i in range(len(refs[0]) - 1):
+        logits = engine.decode_step(seqs, [r[i] for r in refs])
+        for t, row in zip(tops, logits):
+            t.append(int(row.argmax()))
+    return [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tops, refs)]
+
+
 def run(bf16, fp32, ids, n_tokens: int) -> dict:
     kern = bf16.decode_kernel
     with torch.inference_mode():
@@ -67,7 +82,8 @@ def run(bf16, fp32, ids, n_tokens: int) -> dict:
             "sdpa_vs_fp32": sum(a == b for a, b in zip(top_s, ref)) / n,
             "native_vs_fp32": sum(a == b for a, b in zip(top_n, ref)) / n,
             "native_vs_sdpa": sum(a == b for a, b in zip(top_s, top_n)) / n,
-            "max_rel_logit_diff": worst, "identical": diverge is None, "first_divergence": diverge}
+            "max_rel_logit_diff": worst, "identical": diverge is None, "first_divergence": diverge,
+            "ref": ref}
 
 
 def markdown(res: dict) -> str:
@@ -87,6 +103,16 @@ def markdown(res: dict) -> str:
         lines.append(f"| ~{length} | {len(rows)} | {col('sdpa_vs_fp32')} | {col('native_vs_fp32')} | "
                      f"{col('native_vs_sdpa')} | {max(r['max_rel_logit_diff'] for r in rows):.4f} | "
                      f"{sum(r['identical'] for r in rows)} / {len(rows)} | {div or '-'} |")
+    if any("compiled_vs_fp32" in r for rows in res["by_length"].values() for r in rows):
+        lines += ["", "Compiled (`compile_prefill` + `compile_decode`, native attention): each prompt prefilled "
+                  "by the compiled prefill, then the prompts of a length decoded as one batch by the compiled "
+                  "step, teacher-forced on the same float32 tokens.", "",
+                  "| length | prompts | bf16 compiled vs fp32: agreement median (min) | bf16 native (eager) vs fp32 |",
+                  "| ---: | ---: | --- | --- |"]
+        for length, rows in res["by_length"].items():
+            xs, ys = [r["compiled_vs_fp32"] for r in rows], [r["native_vs_fp32"] for r in rows]
+            lines.append(f"| ~{length} | {len(rows)} | {statistics.median(xs):.3f} ({min(xs):.3f}) | "
+                         f"{statistics.median(ys):.3f} ({min(ys):.3f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,16 +127,30 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=31)
     p.add_argument("--name", default="decode-attention-quality")
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--compiled", action="store_true",
+                   help="also bf16 with compile_prefill + compile_decode (the prompts of a length decoded as one batch)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     lm = load_smollm2()
     bf16 = SemShareEngine(lm.model, lm.tokenizer, decode_attention="native")
     fp32 = SemShareEngine(load_smollm2(dtype="float32").model, lm.tokenizer, decode_attention="sdpa")
+    compiled = None
+    if a.compiled:
+        compiled = SemShareEngine(lm.model, lm.tokenizer, decode_attention="native", compile_decode="on",
+                                  compile_prefill="on")
+        compiled.warm_compiled_prefill()
+        compiled.warm_compiled_decode()
     count = lambda s: len(lm.tokenizer(s)["input_ids"])  # noqa: E731
     by_length = {}
     for length in a.lengths:
         docs = make_documents(a.prompts, length, count, seed=a.seed + length)
-        by_length[length] = [run(bf16, fp32, bf16.encode(build_prompt(d)), a.tokens) for d in docs]
+        prompts = [bf16.encode(build_prompt(d)) for d in docs]
+        by_length[length] = [run(bf16, fp32, ids, a.tokens) for ids in prompts]
+        if compiled is not None:
+            with torch.inference_mode():
+                agree = forced_compiled(compiled, prompts, [r["ref"] for r in by_length[length]])
+            for r, x in zip(by_length[length], agree):
+                r["compiled_vs_fp32"] = x
         print(length, by_length[length], flush=True)
     save(a.out_dir or RESULTS, a.name, {"name": a.name, "tokens": a.tokens, "by_length": by_length},
          markdown({"name": a.name, "tokens": a.tokens, "by_length": by_length}))

@@ -144,7 +144,9 @@ class CompiledPrefill:
         cache = full_length_cache() if cache is None else cache
         past = cache.get_seq_length()
         dev = self.base.embed_tokens.weight.device
-        ids2 = ids.reshape(1, -1).to(dev)
+        # a fresh tensor made here, under the caller's inference mode: ids that were a view of a
+        # tensor made outside it would carry other dispatch keys, and cost a second graph
+        ids2 = ids.reshape(1, -1).to(dev).clone()
         pos = torch.arange(past, past + c, device=dev)[None]
         torch._dynamo.mark_dynamic(ids2, 1)
         torch._dynamo.mark_dynamic(pos, 1)

@@ -180,8 +180,8 @@ class SemShareEngine:
         if self.compiled_prefill is None:
             return None
         t0 = time.perf_counter()
-        ids = torch.arange(1, 17, dtype=torch.long) % max(2, self.signature.vocab_size - 1) + 1
         with self.lock, torch.inference_mode():
+            ids = torch.arange(1, 17, dtype=torch.long) % max(2, self.signature.vocab_size - 1) + 1
             _, cache = self.compiled_prefill.forward(ids[:9])
             self.compiled_prefill.forward(ids[9:], cache)
         return time.perf_counter() - t0

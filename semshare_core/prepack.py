@@ -35,9 +35,10 @@ def prepack_supported(model: torch.nn.Module) -> bool:
 
 
 def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced: inductor packs the frozen weight itself (first, so that
+        return F.linear(x, self.weight, self.bias)  # the row count is not compared: that would bound the graph)
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if (rows > MAX_PACKED_ROWS or x.dtype != torch.bfloat16 or x.requires_grad
-            or torch.compiler.is_compiling()):  # traced: inductor packs the frozen weight itself
+    if rows > MAX_PACKED_ROWS or x.dtype != torch.bfloat16 or x.requires_grad:
         return F.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self._semshare_packed, self.bias, "none", [], "")
 

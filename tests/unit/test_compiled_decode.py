@@ -138,3 +138,16 @@ def test_a_failure_while_running_is_raised_not_retried():
     with pytest.raises(RuntimeError, match="kernel failed"), torch.inference_mode():
         cd.step(live, [5, 6])
     assert cd.active
+
+
+def test_one_graph_serves_every_batch_size_after_the_warm_up(engines):
+    """Batches larger than the pre-packed linears' row limit (64) included: no recompile."""
+    from torch._dynamo.utils import counters
+
+    eng, _ = engines
+    graphs = counters["stats"]["unique_graphs"]
+    seqs = _states(eng, [_ids(eng, i, 1)[:6] for i in range(70)])
+    with torch.inference_mode():
+        for b in (70, 3, 17):
+            eng.decode_step(seqs[:b], [5] * b)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -110,3 +110,44 @@ def test_a_failure_while_running_is_raised_not_retried():
     with pytest.raises(RuntimeError, match="kernel failed"), torch.inference_mode():
         cp.forward(torch.from_numpy(_ids(eng, 0, 3)))
     assert cp.active
+
+
+def test_one_graph_serves_every_chunk_length_after_the_warm_up(engines):
+    """Prompts longer than the pre-packed linears' row limit (64), one piece or chunked, and
+    ids made in or out of inference mode: no recompile after the warm-up."""
+    from torch._dynamo.utils import counters
+
+    eng, _ = engines
+    graphs = counters["stats"]["unique_graphs"]
+    ids = _ids(eng, 0, 30)
+    assert ids.size > 130
+    eng.prefill(ids[:70])
+    eng.prefill(ids)
+    _chunked(eng, ids, 48)
+    with torch.inference_mode():
+        eng.compiled_prefill.forward(torch.from_numpy(ids[:33]))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_bf16_with_prepacked_linears_compiles_once_for_every_length_and_batch():
+    """bf16 on the CPU, where the linears are pre-packed (their eager forward branches on the
+    row count): after the warm-up, neither longer prompts (one piece or chunked) nor larger
+    batches recompile."""
+    from torch._dynamo.utils import counters
+
+    base = tiny_engine("llama")
+    eng = SemShareEngine(base.model.to(torch.bfloat16), base.tokenizer, base.config, compile_prefill="on",
+                         compile_decode="on")
+    if not eng.prepacked:
+        pytest.skip("no bf16 oneDNN here: the linears are not pre-packed")
+    eng.warm_compiled_prefill()
+    eng.warm_compiled_decode()
+    assert eng.compiled_prefill.active and eng.compiled_decode.active
+    graphs = counters["stats"]["unique_graphs"]
+    ids = _ids(eng, 0, 30)
+    eng.prefill(ids)
+    _chunked(eng, ids, 70)
+    seqs = [eng.decode_state(eng.prefill(_ids(eng, i, 1)[:6])) for i in range(70)]
+    with torch.inference_mode():
+        eng.decode_step(seqs, [5] * 70)
+    assert counters["stats"]["unique_graphs"] == graphs
