@@ -7,6 +7,7 @@ appending twice, and a failure while running is raised.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -136,7 +137,8 @@ def test_bf16_with_prepacked_linears_compiles_once_for_every_length_and_batch():
     from torch._dynamo.utils import counters
 
     base = tiny_engine("llama")
-    eng = SemShareEngine(base.model.to(torch.bfloat16), base.tokenizer, base.config, compile_prefill="on",
+    model = copy.deepcopy(base.model).to(torch.bfloat16)  # a copy: tiny models are shared between tests
+    eng = SemShareEngine(model, base.tokenizer, base.config, compile_prefill="on",
                          compile_decode="on")
     if not eng.prepacked:
         pytest.skip("no bf16 oneDNN here: the linears are not pre-packed")
