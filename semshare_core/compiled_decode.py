@@ -31,18 +31,16 @@ kernel does; ``mode="off"`` keeps the eager rounding.
 from __future__ import annotations
 
 import logging
-import shutil
 from typing import Optional, Sequence
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import batch as _batch
+from .compiled_common import MODES, TRACED, compiler_available, fake_output, register_attention, wanted  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 IMPL = "semshare_batch_compiled"
-MODES = ("auto", "on", "off")
 
 
 class _Layer:
@@ -73,48 +71,10 @@ def batch_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 @batch_attention.register_fake
 def _(query, key, value, layer, scale, window):
-    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    return fake_output(query)
 
 
-class _TracedCache:
-    """The cache object the traced layers see: rows are appended inside the custom op."""
-
-    is_compileable = True
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-def _attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("compiled decode: attention softcap / sinks are not supported")
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.semshare.batch_attention(query, key, value, module.layer_idx, scale,
-                                              int(sliding_window or 0)), None
-
-
-ALL_ATTENTION_FUNCTIONS.register(IMPL, _attention)
-
-_TRACED = _TracedCache()
-
-
-def compiler_available() -> bool:
-    """Inductor's CPU backend builds C++: a compiler must be on PATH."""
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
-def wanted(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``mode`` (:data:`MODES`) asks for the compiled step on this device and dtype."""
-    if mode not in MODES:
-        raise ValueError(f"compile_decode must be one of {MODES}, got {mode!r}")
-    if mode == "off":
-        return False
-    if mode == "on":
-        return True
-    return device.type == "cpu" and dtype == torch.bfloat16 and compiler_available()
+register_attention(IMPL, torch.ops.semshare.batch_attention, "compiled decode")
 
 
 class CompiledDecode:
@@ -137,7 +97,7 @@ class CompiledDecode:
         pe = base.rotary_emb(hidden, pos)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe,
-                           **{self.ckw: _TRACED})
+                           **{self.ckw: TRACED})
         return self.model.lm_head(base.norm(hidden))[0].float()             # [B, vocab]
 
     @property

@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .compiled_common import TRACED, fake_output, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -63,33 +64,10 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 @prefill_attention.register_fake
 def _(query, key, value, layer, scale, window):
-    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    return fake_output(query)
 
 
-class _TracedCache:
-    """The cache the traced layers see: rows are appended inside the custom op."""
-
-    is_compileable = True
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-_TRACED = _TracedCache()
-
-
-def _attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("compiled prefill: attention softcap / sinks are not supported")
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.semshare.prefill_attention(query, key, value, module.layer_idx, scale,
-                                                int(sliding_window or 0)), None
-
-
-ALL_ATTENTION_FUNCTIONS.register(IMPL, _attention)
+register_attention(IMPL, torch.ops.semshare.prefill_attention, "compiled prefill")
 
 
 @contextlib.contextmanager
@@ -126,7 +104,7 @@ class CompiledPrefill:
         pe = base.rotary_emb(hidden, pos)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe,
-                           **{self.ckw: _TRACED})
+                           **{self.ckw: TRACED})
         return self.model.lm_head(base.norm(hidden[:, -1:]))[0, -1].float()   # [vocab]
 
     @property

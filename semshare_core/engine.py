@@ -164,8 +164,8 @@ class SemShareEngine:
         self.prepacked = prepack_linears(model) if prepack else 0
         self.decode_kernel = resolve_decode_kernel(decode_attention, self.device, self.dtype)
         self.compiled_decode = CompiledDecode(model) if compile_wanted(compile_decode, self.device, self.dtype) else None
-        self.compiled_prefill = (CompiledPrefill(model) if compile_wanted(compile_prefill, self.device, self.dtype)
-                                 else None)
+        self.compiled_prefill = (CompiledPrefill(model) if compile_wanted(compile_prefill, self.device, self.dtype,
+                                                                          "compile_prefill") else None)
 
     def _full_forward(self, ids: torch.Tensor, cache=None):
         """:func:`~semshare_core.prefill.full_prefill` of ``ids`` after ``cache``'s rows, compiled

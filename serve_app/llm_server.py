@@ -511,23 +511,17 @@ class SemShareServer:
                 "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict(),
                 "scheduler": self.scheduler.stats(),
                 "decode_attention": "native" if self.engine.decode_kernel is not None else "sdpa",
-                "compile_decode": self._compile_state(),
-                "compile_prefill": self._compile_prefill_state(),
+                "compile_decode": self._compile_state(self.engine.compiled_decode, self.args.compile_decode,
+                                                      "compiled_steps"),
+                "compile_prefill": self._compile_state(self.engine.compiled_prefill, self.args.compile_prefill,
+                                                       "compiled_chunks"),
                 "warmup": self.warmup.as_dict() if self.warmup is not None else {"ran": False}}
 
-    def _compile_state(self) -> dict:
-        cd = self.engine.compiled_decode
-        if cd is None:
-            return {"mode": self.args.compile_decode, "active": False}
-        return {"mode": self.args.compile_decode, "active": cd.active, "failed": cd.failed,
-                "compiled_steps": cd.compiled_steps}
-
-    def _compile_prefill_state(self) -> dict:
-        cp = self.engine.compiled_prefill
-        if cp is None:
-            return {"mode": self.args.compile_prefill, "active": False}
-        return {"mode": self.args.compile_prefill, "active": cp.active, "failed": cp.failed,
-                "compiled_chunks": cp.compiled_chunks}
+    def _compile_state(self, compiled, mode: str, counter: str) -> dict:
+        """``info()``'s view of a compiled pass (``compiled``: the engine's, or None when off)."""
+        if compiled is None:
+            return {"mode": mode, "active": False}
+        return {"mode": mode, "active": compiled.active, "failed": compiled.failed, counter: getattr(compiled, counter)}
 
     def record_routing_stats(self) -> dict:
         """Shipped to routers (``replica.routing_stats``): the hot tier's fill."""

@@ -1,0 +1,62 @@
+"""What the compiled passes (:mod:`semshare_core.compiled_decode`,
+:mod:`semshare_core.compiled_prefill`) share: when to compile, the cache object the traced
+layers see, and the attention function that hands each layer to an opaque custom op."""
+from __future__ import annotations
+
+import shutil
+from typing import Callable
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+MODES = ("auto", "on", "off")
+
+
+def compiler_available() -> bool:
+    """Inductor's CPU backend builds C++: a compiler must be on PATH."""
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def wanted(mode: str, device: torch.device, dtype: torch.dtype, knob: str = "compile_decode") -> bool:
+    """Whether ``mode`` (:data:`MODES`) asks for a compiled pass on this device and dtype:
+    ``auto`` = bf16 on a CPU with a C++ compiler."""
+    if mode not in MODES:
+        raise ValueError(f"{knob} must be one of {MODES}, got {mode!r}")
+    if mode == "off":
+        return False
+    if mode == "on":
+        return True
+    return device.type == "cpu" and dtype == torch.bfloat16 and compiler_available()
+
+
+class TracedCache:
+    """The cache object the traced layers see: the rows are appended inside the custom op."""
+
+    is_compileable = True
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+TRACED = TracedCache()
+
+
+def fake_output(query: torch.Tensor) -> torch.Tensor:
+    """The custom ops' output for ``query [1, Hq, n, D]``: ``[1, n, Hq, D]``."""
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
+def register_attention(impl: str, op: Callable, what: str) -> None:
+    """Register ``impl`` in transformers' ``AttentionInterface``: each layer's attention calls
+    ``op(query, key, value, layer_idx, scale, window)`` (window 0 = none)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            raise NotImplementedError(f"{what}: attention softcap / sinks are not supported")
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        return op(query, key, value, module.layer_idx, scale, int(sliding_window or 0)), None
+
+    ALL_ATTENTION_FUNCTIONS.register(impl, attention)
