@@ -17,11 +17,15 @@ import torch
 
 from semshare_core import SemShareEngine
 from semshare_core.batch import batch_step
+from semshare_core.compiled_common import compiler_available
 from semshare_core.compiled_decode import CompiledDecode, wanted
 from semshare_core.scheduler import GenParams, Request, Scheduler, SchedulerConfig
 
 from .test_batch_decode import Collector, _ids
 from .tiny import tiny_engine
+
+
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C++ compiler: inductor cannot build here")
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -39,6 +43,7 @@ def _states(engine, prompts, reference=None, retention=1.0):
     return [engine.decode_state(engine.prefill(p, reference, cfg)) for p in prompts]
 
 
+@needs_compiler
 def test_teacher_forced_logits_and_caches_match_eager_while_requests_join_and_leave(engines):
     eng, eager = engines
     doc = _ids(eng, 100, 14)
@@ -75,6 +80,7 @@ def test_teacher_forced_logits_and_caches_match_eager_while_requests_join_and_le
     assert eng.compiled_decode.compiled_steps - steps0 >= 6  # the multi-request steps ran compiled
 
 
+@needs_compiler
 def test_scheduler_greedy_tokens_match_an_eager_engine(engines):
     eng, eager = engines
     prompts = [_ids(eng, 0, 3), _ids(eng, 10, 9), _ids(eng, 40, 1), _ids(eng, 60, 5)]
@@ -140,6 +146,7 @@ def test_a_failure_while_running_is_raised_not_retried():
     assert cd.active
 
 
+@needs_compiler
 def test_one_graph_serves_every_batch_size_after_the_warm_up(engines):
     """Batches larger than the pre-packed linears' row limit (64) included: no recompile."""
     from torch._dynamo.utils import counters

@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from semshare_core import SemShareEngine
+from semshare_core.compiled_common import compiler_available
 from semshare_core.compiled_prefill import CompiledPrefill
 from semshare_core.prefill import full_prefill
 
 from .test_batch_decode import _ids
 from .tiny import tiny_engine
+
+
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C++ compiler: inductor cannot build here")
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -49,6 +53,7 @@ def _same(a, b):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-4)
 
 
+@needs_compiler
 def test_one_piece_and_chunked_prefills_match_eager(engines):
     eng, eager = engines
     ids = _ids(eng, 200, 12)
@@ -61,6 +66,7 @@ def test_one_piece_and_chunked_prefills_match_eager(engines):
     assert chunked.exact and eng.compiled_prefill.compiled_chunks >= n0 + 1 + ids.size // 16
 
 
+@needs_compiler
 def test_greedy_continuation_matches_eager(engines):
     eng, eager = engines
     ids = _ids(eng, 300, 6)
@@ -113,6 +119,7 @@ def test_a_failure_while_running_is_raised_not_retried():
     assert cp.active
 
 
+@needs_compiler
 def test_one_graph_serves_every_chunk_length_after_the_warm_up(engines):
     """Prompts longer than the pre-packed linears' row limit (64), one piece or chunked, and
     ids made in or out of inference mode: no recompile after the warm-up."""
@@ -130,6 +137,7 @@ def test_one_graph_serves_every_chunk_length_after_the_warm_up(engines):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@needs_compiler
 def test_bf16_with_prepacked_linears_compiles_once_for_every_length_and_batch():
     """bf16 on the CPU, where the linears are pre-packed (their eager forward branches on the
     row count): after the warm-up, neither longer prompts (one piece or chunked) nor larger
