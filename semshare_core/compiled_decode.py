@@ -1,7 +1,7 @@
 """The batched decode step compiled as one graph (``torch.compile``, inductor) on CPUs.
 
-A decode step on a CPU is two thirds memory-bound matmuls and one third per-op overhead:
-about 45 eager ops per decoder layer (norms, rotary, activation, residuals, views), each
+A decode step on a CPU is mostly memory-bound matmuls and attention, and about a fifth
+per-op overhead: about 45 eager ops per decoder layer (norms, rotary, activation, residuals, views), each
 with its dispatch and module-call cost, for a handful of rows. vLLM-CPU traces its whole
 model once with dynamo and inductor for that reason. This module does the same for
 :func:`semshare_core.batch.batch_step`, with the stock decoder layers and no copied
@@ -22,8 +22,9 @@ modeling code:
 It is used where it is measured to help: bf16 weights on a CPU with a C++ compiler
 (``mode="auto"``); ``"on"`` forces it (any dtype, for tests), ``"off"`` never. The first
 call compiles (~1-1.5 min for SmolLM2-135M on one slow core; inductor caches the result on
-disk, so a restart is faster), so a server calls :meth:`CompiledDecode.warm` before it
-takes traffic. A compile failure (no compiler, an unsupported model) is logged once and
+disk, so a restart is faster), so a server calls
+:meth:`SemShareEngine.warm_compiled_decode` before it takes traffic. The frozen graph keeps
+its own packed copy of the weights (host memory). A compile failure (no compiler, an unsupported model) is logged once and
 the step runs eagerly from then on. Compiled bf16 decoding rounds differently from the
 eager one (fused elementwise chains keep float32 in between), as the native attention
 kernel does; ``mode="off"`` keeps the eager rounding.
