@@ -28,30 +28,18 @@ from .results_io import save
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def prefill(engine, ids: np.ndarray, chunk: int | None):
-    """The engine's full prefill of ``ids`` (in ``chunk``-token chunks, or one piece)."""
-    if chunk is None:
-        return engine.prefill(ids)
-    steps = engine.prefill_steps(ids, chunk=chunk)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as s:
-            return s.value
-
-
 def measure(eager, compiled, ids: np.ndarray, chunk: int | None, rounds: int) -> dict:
     """Interleaved rounds of ``eager`` and ``compiled`` prefilling ``ids``; times in ms."""
     times = {"eager": [], "compiled": []}
     arms = {"eager": eager, "compiled": compiled}
     for name, eng in arms.items():  # one untimed run each (allocator, caches)
-        prefill(eng, ids, chunk)
+        eng.prefill(ids, chunk=chunk)
     for r in range(rounds):
         for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
             t0 = time.perf_counter()
-            prefill(arms[name], ids, chunk)
+            arms[name].prefill(ids, chunk=chunk)
             times[name].append((time.perf_counter() - t0) * 1e3)
-    a, b = prefill(eager, ids, chunk).logits, prefill(compiled, ids, chunk).logits
+    a, b = eager.prefill(ids, chunk=chunk).logits, compiled.prefill(ids, chunk=chunk).logits
     ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
     return {"tokens": int(ids.size), "chunk": chunk,
             **{f"{k}_ms": round(statistics.median(v), 1) for k, v in times.items()},

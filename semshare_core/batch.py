@@ -240,20 +240,15 @@ def batch_step(model: torch.nn.Module, seqs: Sequence[SeqKV], tokens: Sequence[i
     its ``position`` advances by one. ``kernel``: a :class:`semshare_core.decode_kernel.DecodeKernel`
     for the attention (None: SDPA).
     """
-    from .prefill import cache_kwarg, decoder_layers
+    from .prefill import cache_kwarg, decoder_layers, run_layers
 
     base = _base(model)
-    layers = decoder_layers(model)
     dev = base.embed_tokens.weight.device
     ids = torch.tensor([list(tokens)], device=dev)
     pos = torch.tensor([[s.position for s in seqs]], device=dev)
-    hidden = base.embed_tokens(ids)                                       # [1, B, hidden]
-    pe = base.rotary_emb(hidden, pos)
     cache = BatchCache(seqs, kernel, getattr(model.config, "num_attention_heads", None))
-    ckw = cache_kwarg(layers[0].forward)
     with batched_attention(model, cache, kernel):
-        for layer in layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe, **{ckw: cache})
+        hidden = run_layers(model, ids, pos, cache, cache_kwarg(decoder_layers(model)[0].forward))  # [1, B, hidden]
     logits = model.lm_head(base.norm(hidden))[0].float()                   # [B, vocab]
     for s in seqs:
         s.position += 1

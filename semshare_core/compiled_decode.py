@@ -32,12 +32,13 @@ kernel does; ``mode="off"`` keeps the eager rounding.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from . import batch as _batch
-from .compiled_common import MODES, TRACED, compiler_available, fake_output, register_attention, wanted  # noqa: F401
+from .compiled_common import (MODES, CompiledPass, compiler_available, fake_output,  # noqa: F401
+                              register_attention, wanted)
 
 logger = logging.getLogger(__name__)
 
@@ -78,32 +79,18 @@ def _(query, key, value, layer, scale, window):
 register_attention(IMPL, torch.ops.semshare.batch_attention, "compiled decode")
 
 
-class CompiledDecode:
+class CompiledDecode(CompiledPass):
     """The compiled step of one model; :meth:`step` has :func:`~semshare_core.batch.batch_step`'s contract."""
 
-    def __init__(self, model: torch.nn.Module):
-        from .prefill import cache_kwarg, decoder_layers
+    what, eager = "compiled decode step", "decoding"
 
-        self.model = model
-        self.base = _batch._base(model)
-        self.layers = decoder_layers(model)
-        self.ckw = cache_kwarg(self.layers[0].forward)
-        self.failed: Optional[str] = None
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model, logger)
+        self.q_heads = getattr(model.config, "num_attention_heads", None)
         self.compiled_steps = 0
-        self._fn = torch.compile(self._forward, fullgraph=True, dynamic=None)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        base = self.base
-        hidden = base.embed_tokens(ids)                                       # [1, B, hidden]
-        pe = base.rotary_emb(hidden, pos)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe,
-                           **{self.ckw: TRACED})
-        return self.model.lm_head(base.norm(hidden))[0].float()             # [B, vocab]
-
-    @property
-    def active(self) -> bool:
-        return self.failed is None
+        return self.model.lm_head(self.base.norm(self._hidden(ids, pos)))[0].float()   # [B, vocab]
 
     def step(self, seqs: Sequence[_batch.SeqKV], tokens: Sequence[int], kernel=None) -> torch.Tensor:
         """Float32 logits ``[B, vocab]``; each ``seqs[i]`` gains one row per layer and its
@@ -111,25 +98,12 @@ class CompiledDecode:
         :func:`~semshare_core.batch.batch_step` (eager)."""
         if len(seqs) < 2 or self.failed is not None:
             return _batch.batch_step(self.model, seqs, tokens, kernel)
-        dev = self.base.embed_tokens.weight.device
-        ids = torch.tensor([list(tokens)], device=dev)
-        pos = torch.tensor([[s.position for s in seqs]], device=dev)
-        torch._dynamo.mark_dynamic(ids, 1)
-        torch._dynamo.mark_dynamic(pos, 1)
-        cache = _batch.BatchCache(seqs, kernel, getattr(self.model.config, "num_attention_heads", None))
-        try:
-            # freezing (weights as constants: oneDNN-packed bf16 linears) is read when a graph
-            # compiles; torch.compile(options=...) does not reach it, a config patch does
-            with torch.no_grad(), torch._inductor.config.patch(freezing=True), \
-                    _batch.batched_attention(self.model, cache, kernel, impl=IMPL):
-                logits = self._fn(ids, pos)
-        except Exception as e:
-            if cache.touched:  # it failed while running: the caches are part-way, as an eager failure leaves them
-                raise
-            # failed while tracing or compiling (no compiler, an op it cannot trace), before
-            # any request's cache changed: this step and every later one run eagerly
-            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
-            logger.warning("compiled decode step unavailable (%s); decoding eagerly", self.failed)
+        ids = torch.tensor([list(tokens)], device=self.device)
+        pos = torch.tensor([[s.position for s in seqs]], device=self.device)
+        cache = _batch.BatchCache(seqs, kernel, self.q_heads)
+        logits = self._run(ids, pos, _batch.batched_attention(self.model, cache, kernel, impl=IMPL),
+                           lambda: cache.touched)
+        if logits is None:  # could not compile: nothing was appended yet
             return _batch.batch_step(self.model, seqs, tokens, kernel)
         self.compiled_steps += 1
         for s in seqs:

@@ -26,12 +26,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .compiled_common import TRACED, fake_output, register_attention
+from .compiled_common import CompiledPass, fake_output, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -83,33 +82,19 @@ def _routed(model: torch.nn.Module, cache):
         _STATE.cache = None
 
 
-class CompiledPrefill:
+class CompiledPrefill(CompiledPass):
     """The compiled full-prefill forward of one model; :meth:`forward` has
     :func:`semshare_core.prefill.full_prefill`'s contract."""
 
-    def __init__(self, model: torch.nn.Module):
-        from .prefill import _base, cache_kwarg, decoder_layers
+    what, eager = "compiled prefill", "prefilling"
 
-        self.model = model
-        self.base = _base(model)
-        self.layers = decoder_layers(model)
-        self.ckw = cache_kwarg(self.layers[0].forward)
-        self.failed: Optional[str] = None
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model, logger)
         self.compiled_chunks = 0
-        self._fn = torch.compile(self._forward, fullgraph=True, dynamic=None)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        base = self.base
-        hidden = base.embed_tokens(ids)                                       # [1, c, hidden]
-        pe = base.rotary_emb(hidden, pos)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe,
-                           **{self.ckw: TRACED})
-        return self.model.lm_head(base.norm(hidden[:, -1:]))[0, -1].float()   # [vocab]
-
-    @property
-    def active(self) -> bool:
-        return self.failed is None
+        hidden = self._hidden(ids, pos)                                       # [1, c, hidden]
+        return self.model.lm_head(self.base.norm(hidden[:, -1:]))[0, -1].float()   # [vocab]
 
     def forward(self, ids: torch.Tensor, cache=None):
         """``(logits float32 [vocab], DynamicCache)`` for the chunk ``ids`` (int64 ``[c]``) after
@@ -121,21 +106,13 @@ class CompiledPrefill:
             return full_prefill(self.model, ids, cache)
         cache = full_length_cache() if cache is None else cache
         past = cache.get_seq_length()
-        dev = self.base.embed_tokens.weight.device
         # a fresh tensor made here, under the caller's inference mode: ids that were a view of a
         # tensor made outside it would carry other dispatch keys, and cost a second graph
-        ids2 = ids.reshape(1, -1).to(dev).clone()
-        pos = torch.arange(past, past + c, device=dev)[None]
-        torch._dynamo.mark_dynamic(ids2, 1)
-        torch._dynamo.mark_dynamic(pos, 1)
-        try:
-            with torch.no_grad(), torch._inductor.config.patch(freezing=True), _routed(self.model, cache):
-                logits = self._fn(ids2, pos)
-        except Exception as e:
-            if _STATE.touched:  # failed while running: the cache is part-way, as after an eager failure
-                raise
-            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
-            logger.warning("compiled prefill unavailable (%s); prefilling eagerly", self.failed)
+        ids2 = ids.reshape(1, -1).to(self.device).clone()
+        pos = torch.arange(past, past + c, device=self.device)[None]
+        _STATE.touched = False
+        logits = self._run(ids2, pos, _routed(self.model, cache), lambda: _STATE.touched)
+        if logits is None:  # could not compile: nothing was appended yet
             return full_prefill(self.model, ids, cache)
         self.compiled_chunks += 1
         return logits, cache

@@ -225,14 +225,16 @@ class SemShareEngine:
 
     # prefill ---------------------------------------------------------------------
     def prefill(self, ids: np.ndarray, reference: PackedKV | None = None,
-                config: SemShareConfig | None = None, reference_kv: torch.Tensor | None = None) -> PrefillResult:
+                config: SemShareConfig | None = None, reference_kv: torch.Tensor | None = None,
+                chunk: int | None = None) -> PrefillResult:
         """Prefill ``ids`` ``[n]``; with ``reference`` reuse its KV (selective recompute).
 
         ``reference_kv``: optionally ``reference``'s KV already on the engine's device,
         ``[L, 2, H, m, D]`` (e.g. a hot entry kept on the GPU): the gather then runs there
-        instead of on the host copy.
+        instead of on the host copy. ``chunk``: a full prefill runs in chunks of that many
+        tokens (:meth:`prefill_steps`, as the scheduler runs it under load); None: one piece.
         """
-        steps = self.prefill_steps(ids, reference, config, reference_kv)
+        steps = self.prefill_steps(ids, reference, config, reference_kv, chunk=chunk)
         while True:
             try:
                 next(steps)

@@ -402,12 +402,21 @@ def layer_step(model: torch.nn.Module, token: int, position: int, cache) -> torc
     its layer's cache holds, and is appended to it.
     """
     base = _base(model)
-    layers = decoder_layers(model)
-    ckw = cache_kwarg(layers[0].forward)
     dev = base.embed_tokens.weight.device
-    hidden = base.embed_tokens(torch.tensor([[token]], device=dev))
     pos = torch.tensor([[position]], device=dev)
-    pe = base.rotary_emb(hidden, pos)
-    for layer in layers:
-        hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe, **{ckw: cache})
+    hidden = run_layers(model, torch.tensor([[token]], device=dev), pos, cache,
+                        cache_kwarg(decoder_layers(model)[0].forward))
     return model.lm_head(base.norm(hidden))[0, -1].float()
+
+
+def run_layers(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, ckw: str) -> torch.Tensor:
+    """Embed ``ids [1, n]`` and run every decoder layer at explicit positions ``pos [1, n]``
+    against ``cache`` (passed as keyword ``ckw``, see :func:`cache_kwarg`); returns the last
+    layer's hidden states ``[1, n, hidden]`` (before the final norm). No mask: the attention
+    function in use decides what each row sees."""
+    base = _base(model)
+    hidden = base.embed_tokens(ids)
+    pe = base.rotary_emb(hidden, pos)
+    for layer in decoder_layers(model):
+        hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe, **{ckw: cache})
+    return hidden

@@ -35,15 +35,6 @@ def engines(request):
     return compiled, base
 
 
-def _chunked(engine, ids, chunk):
-    steps = engine.prefill_steps(ids, chunk=chunk)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as s:
-            return s.value
-
-
 def _same(a, b):
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
     assert len(a.keys) == len(b.keys)
@@ -61,7 +52,7 @@ def test_one_piece_and_chunked_prefills_match_eager(engines):
     n0 = eng.compiled_prefill.compiled_chunks
     _same(eng.prefill(ids), eager.prefill(ids))
     assert eng.compiled_prefill.compiled_chunks == n0 + 1
-    chunked = _chunked(eng, ids, 16)
+    chunked = eng.prefill(ids, chunk=16)
     _same(chunked, eager.prefill(ids))
     assert chunked.exact and eng.compiled_prefill.compiled_chunks >= n0 + 1 + ids.size // 16
 
@@ -131,7 +122,7 @@ def test_one_graph_serves_every_chunk_length_after_the_warm_up(engines):
     assert ids.size > 130
     eng.prefill(ids[:70])
     eng.prefill(ids)
-    _chunked(eng, ids, 48)
+    eng.prefill(ids, chunk=48)
     with torch.inference_mode():
         eng.compiled_prefill.forward(torch.from_numpy(ids[:33]))
     assert counters["stats"]["unique_graphs"] == graphs
@@ -156,7 +147,7 @@ def test_bf16_with_prepacked_linears_compiles_once_for_every_length_and_batch():
     graphs = counters["stats"]["unique_graphs"]
     ids = _ids(eng, 0, 30)
     eng.prefill(ids)
-    _chunked(eng, ids, 70)
+    eng.prefill(ids, chunk=70)
     seqs = [eng.decode_state(eng.prefill(_ids(eng, i, 1)[:6])) for i in range(70)]
     with torch.inference_mode():
         eng.decode_step(seqs, [5] * 70)
