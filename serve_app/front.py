@@ -139,7 +139,7 @@ class Front:
         use = bool(payload.get("use_semshare", True))
         req = ReplicaRequest(tenant=payload.get("tenant") or "default", sampling=sampling_from(payload),
                              use_semshare=use, sim_threshold=payload.get("sim_threshold"),
-                             store_key=payload.get("store_key"))
+                             store_key=payload.get("store_key"), stream=bool(payload.get("stream", True)))
         codec = await self.codec()
         self.counters["prepared"] += 1
         if codec is None:

@@ -487,7 +487,7 @@ class Ingress:
         self._check_max_new(body.max_new_tokens, "max_new_tokens")
         self._check_prompt_chars(body.prompt)
         payload = {**body.model_dump(exclude={"cache_salt", "stop"}), "tenant": self._tenant(request, body.cache_salt),
-                   "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or [])}
+                   "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or []), "stream": False}
         deadline = self._deadline()
         info = _request_info(request)
         gen, first = await self._start(payload, deadline)
@@ -674,6 +674,7 @@ class Ingress:
 
     async def _openai(self, body, payload: dict, kind: str, request: Request, echo_prefix: str = ""):
         payload["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        payload["stream"] = bool(body.stream)
         created, rid = int(time.time()), ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         deadline = self._deadline()
         info = _request_info(request)

@@ -362,7 +362,7 @@ class SemShareServer:
             self.scheduler.cancel(sreq.id)
         while finish is None:
             batch = [await events.get()]
-            if interval and n_out and batch[0][0] == "token":  # group tokens: fewer stream items
+            if interval and n_out and req.stream and batch[0][0] == "token":  # group tokens: fewer stream items
                 wait = last_yield + interval - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
@@ -385,14 +385,16 @@ class SemShareServer:
             if ttft_ms is None:
                 ttft_ms = (time.perf_counter() - t0) * 1e3
                 self.m_ttft.observe(ttft_ms)
-            yield token_event(last, stops.feed(piece), self.replica if first else None, toks)
-            last_yield = time.perf_counter()
+            delta = stops.feed(piece)
+            if first or req.stream:  # a non-streaming caller reads the first event and the done only
+                yield token_event(last, delta, self.replica if first else None, toks)
+                last_yield = time.perf_counter()
             if stops.stopped:
                 finish = "stop"
                 self.scheduler.cancel(sreq.id)  # a stop string: free the slot now
         if not stops.stopped:
             tail = stops.feed(text.flush()) + stops.flush()
-            if tail:
+            if tail and req.stream:
                 yield token_event(None, tail)
         if finish not in ("stop", "length"):
             finish = "stop" if (last is not None and last in self.engine.eos_ids) else "length"

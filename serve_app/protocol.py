@@ -103,6 +103,10 @@ class ReplicaRequest:
     index_namespace: Optional[str] = None  # where the index actor lives (the router reports dead replicas there)
     lookup_ms: float = 0.0
     prepare_ms: float = 0.0
+    # False when the caller reads only the first event and the final ``done`` (a
+    # non-streaming response): the replica then sends the first token and the ``done``
+    # event, not one event per token (fewer Ray stream items and event-loop wake-ups)
+    stream: bool = True
 
     @property
     def sources(self) -> list[Reference]:

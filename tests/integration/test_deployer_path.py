@@ -126,6 +126,27 @@ def test_a_replica_warms_up_before_it_runs_and_leaves_no_trace(dp):
     assert st["entries"] == 0 and st["registered"] == 0 and st["bytes"] == 0, st
 
 
+def test_a_non_streaming_request_gets_its_first_token_and_the_done_only(dp):
+    """``stream=False`` (what the ingress sets for a non-streaming response): the replica
+    sends the first token and then only the ``done`` event, whose text and usage are those
+    of the same request streamed token by token."""
+    from serve_app.protocol import ReplicaRequest, Sampling
+
+    _, b = dp
+    prompt = passage(3)[:300]
+    runs = {}
+    for stream in (True, False):
+        req = ReplicaRequest("dp", Sampling(8, 0.0, 1.0, stop_on_eos=False), prompt=prompt, use_semshare=False,
+                             stream=stream)
+        runs[stream] = list(b.options(stream=True).generate.remote(req))
+    streamed, quiet = runs[True], runs[False]
+    assert [e["type"] for e in quiet] == ["token", "done"], quiet
+    assert [e["type"] for e in streamed].count("token") >= 8, streamed
+    assert quiet[-1]["text"] == streamed[-1]["text"] and quiet[-1]["usage"] == streamed[-1]["usage"]
+    assert quiet[-1]["usage"]["completion_tokens"] == 8
+    assert quiet[0]["text"] == streamed[0]["text"]  # the first event is the same first token
+
+
 def test_warmup_false_runs_no_warm_up(dp):
     _, b = dp
     info = b.info.remote().result(timeout_s=60)
