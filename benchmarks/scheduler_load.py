@@ -54,16 +54,21 @@ def run_threads(target, arg_tuples: list[tuple]) -> None:
         t.join()
 
 
-def bench_engine(model: str):
+def bench_engine(model: str, compile_mode: str = "off"):
     """``(engine, label)`` for ``--model``: ``smollm2`` (the embedded default, bf16) or ``tiny``
-    (a random-weight Llama, fp32, with an offline tokenizer)."""
+    (a random-weight Llama, fp32, with an offline tokenizer). ``compile_mode`` sets the
+    engine's ``compile_decode`` and ``compile_prefill`` (the server's default is ``auto``);
+    compiled passes are warmed up before the rounds."""
     from semshare_core import SemShareEngine
 
     if model == "smollm2":
         from semshare_core.models import load_smollm2
 
         lm = load_smollm2()
-        return SemShareEngine(lm.model, lm.tokenizer), "SmolLM2-135M-Instruct bf16"
+        eng = SemShareEngine(lm.model, lm.tokenizer, compile_decode=compile_mode, compile_prefill=compile_mode)
+        eng.warm_compiled_decode()
+        eng.warm_compiled_prefill()
+        return eng, f"SmolLM2-135M-Instruct bf16, compile {compile_mode}"
     from semshare_core.models import tiny_random_model, train_tiny_tokenizer
 
     tok = train_tiny_tokenizer(512)
@@ -274,12 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="reuse: prompts of round r are benchmarks.load's with "
                     "--seed SEED+r at that level (the same documents for the same seed)")
+    ap.add_argument("--compile", choices=("off", "auto", "on"), default="auto",
+                    help="compile_decode and compile_prefill of the engine (the server's default: auto)")
     ap.add_argument("--name", default="scheduler-load-cpu")
     ap.add_argument("--out-dir", default=str(RESULTS))
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
-    engine, label = bench_engine(a.model)
+    engine, label = bench_engine(a.model, a.compile)
     load0 = os.getloadavg()
     runs = []
     for r in range(a.rounds):
