@@ -26,7 +26,7 @@ Reported: coverage of the prompt's distinct 3-grams by any entry / the single en
 chosen sources; reused share; FLOP proxy (rows computed incl. probe / n x layers); speedup
 full/method as the median of per-round ratios over ``reps`` interleaved rounds (each round
 runs every timed method once in a seeded shuffled order); quality teacher-forced on the
-full prefill's 32 greedy tokens (per-step top-1 agreement, first token, perplexity ratio).
+full prefill's ``--new-tokens`` (default 32) greedy tokens (per-step top-1 agreement, first token, perplexity ratio).
 Writes ``benchmarks/results/<out>.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -453,7 +453,8 @@ def report(res: dict) -> str:
              "single = today (index top-1, one reference; a miss is a full prefill); multi = `lookup_sources` + "
              "`prefill_multi`; `multi:<v>` = multi with a config variant (quality only unless timed). speedup = median "
              "over prompts of each prompt's median per-round full/method ratio, [range] = min–max of all per-round "
-             "ratios. Quality: teacher-forced on the full prefill's 32 greedy tokens. `full:chunked` (quality "
+             f"ratios. Quality: teacher-forced on the full prefill's {res['config'].get('new_tokens', 32)} greedy tokens. "
+             "`full:chunked` (quality "
              "only): the same full prefill in chunks, as a served miss runs it: the same math with other bf16 "
              "rounding, i.e. the metrics' numerical floor.", "",
              "## Coverage of the prompt's distinct 3-grams (median)", "",

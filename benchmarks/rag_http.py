@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                "fact_correct": bool(change and change.new in multi["text"]),
                "fact_stale": bool(change and change.old in multi["text"]),
                "fact_full_correct": bool(change and change.new in full["text"]),
-               "multi_sources": u.get("sources"), "full_text": full["text"], "multi_text": multi["text"]}
+               "multi_sources": u.get("sources"), "full_timing": full["timing"], "multi_timing": multi["timing"],
+               "full_text": full["text"], "multi_text": multi["text"]}
         rows.append(row)
         print(f"[{turn + 1}/{len(order)}] {item['length']} x{item['sources']} {item['kind']}: hit={row['hit']} "
               f"used={row['sources_used']} reused={row['reused_share']:.2f} speedup={row['speedup_server']:.2f}x "
