@@ -134,9 +134,13 @@ class PackedKV:
     def from_layers(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], token_ids, signature: ModelSignature,
                     last_logits: torch.Tensor | None = None, exact: bool = True) -> "PackedKV":
         """Pack per-layer ``(K, V)``, each ``[1, kv_heads, seq, head_dim]`` (+ first-token logits)."""
-        stacked = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
-        name = next(k for k, v in _TORCH_DTYPES.items() if v == stacked.dtype)
-        t = stacked.detach().cpu().contiguous()
+        k0 = layers[0][0]
+        # one copy into the packed layout (a nested torch.stack copies every row twice)
+        t = torch.empty((len(layers), 2, *k0.shape[1:]), dtype=k0.dtype, device="cpu")  # [L, 2, H, n, D]
+        for i, (k, v) in enumerate(layers):
+            t[i, 0].copy_(k[0].detach())
+            t[i, 1].copy_(v[0].detach())
+        name = next(k for k, v in _TORCH_DTYPES.items() if v == t.dtype)
         arr = t.view(torch.uint16).numpy() if name == "bfloat16" else t.numpy()
         logits = None if last_logits is None else last_logits.detach().float().cpu().numpy().copy()
         return cls(np.ascontiguousarray(arr), name, np.asarray(token_ids, dtype=np.int64).reshape(-1).copy(), signature,
