@@ -37,8 +37,9 @@ def pooled_summary(files: dict[str, dict], method: str) -> dict | None:
     return summarize(recs) if recs else None
 
 
-def report(files: dict[str, dict], out: str) -> str:
-    methods = list(dict.fromkeys(r["method"] for res in files.values() for r in res["records"]))
+def report(files: dict[str, dict], pooled: dict[str, dict | None], out: str) -> str:
+    """The markdown report; ``pooled``: :func:`pooled_summary` per method (in report order)."""
+    methods = list(pooled)
     lines = [f"# RAG-shaped prompts, pooled over {len(files)} prompt sets (`{out}`)", "",
              "Each set is one `benchmarks.rag` run (its own seed: other passages, cached prompts and new prompts); "
              "rows: the target group (~2k tokens, 3-4 sources), per set and pooled. Teacher-forced tokens per "
@@ -50,11 +51,10 @@ def report(files: dict[str, dict], out: str) -> str:
             g = [r for r in res["records"] if r["method"] == m and target(r)]
             if g:
                 lines.append(_row(f"{name} | {m}", summarize(g)))
-    for m in methods:
-        s = pooled_summary(files, m)
+    for m, s in pooled.items():
         if s is not None:
             lines.append(_row(f"**pooled** | {m}", s))
-    s = pooled_summary(files, "multi")
+    s = pooled.get("multi")
     if s is None:
         return "\n".join(lines + ["", "No several-source (multi) prompts in the target group."]) + "\n"
     checks = [("tokens mapped to a source >= 0.8", s["mapped"], s["mapped"] >= 0.8),
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = dict.fromkeys(r["method"] for res in files.values() for r in res["records"])
     pooled = {m: pooled_summary(files, m) for m in methods}
     (out / f"{a.out}.json").write_text(json.dumps({"files": list(files), "pooled": pooled}, indent=1, default=str))
-    (out / f"{a.out}.md").write_text(report(files, a.out))
+    (out / f"{a.out}.md").write_text(report(files, pooled, a.out))
     return 0
 
 
