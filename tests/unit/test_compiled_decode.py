@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from semshare_core import SemShareEngine
-from semshare_core.batch import batch_step
+from semshare_core.batch import GROW_ROWS, batch_step
 from semshare_core.compiled_common import compiler_available
 from semshare_core.compiled_decode import CompiledDecode, wanted
 from semshare_core.scheduler import GenParams, Request, Scheduler, SchedulerConfig
@@ -155,6 +155,36 @@ def test_one_graph_serves_every_batch_size_after_the_warm_up(engines):
     graphs = counters["stats"]["unique_graphs"]
     seqs = _states(eng, [_ids(eng, i, 1)[:6] for i in range(70)])
     with torch.inference_mode():
-        for b in (70, 3, 17):
+        for b in (70, 3, 17, 1):
             eng.decode_step(seqs[:b], [5] * b)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@needs_compiler
+def test_a_lone_request_runs_the_graph_padded_to_two(engines):
+    """A batch of one goes through the compiled graph with a placeholder request (no
+    second compile): its logits and cache rows are the eager step's, and the placeholder
+    is back to one row after every step, so it never grows."""
+    from torch._dynamo.utils import counters
+
+    eng, eager = engines
+    graphs = counters["stats"]["unique_graphs"]
+    (live,) = _states(eng, [_ids(eng, 5, 4)])
+    twin = copy.deepcopy(live)
+    padded0, tok = eng.compiled_decode.padded_steps, 7
+    for _ in range(5):
+        with torch.inference_mode():
+            got = eng.decode_step([live], [tok])
+            want = batch_step(eager.model, [twin], [tok], eager.decode_kernel)
+        assert got.shape == want.shape == (1, want.shape[1])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tok = int(want.argmax(-1))
+        assert live.position == twin.position and live.lengths == twin.lengths
+        for l in range(len(live.lengths)):
+            n = live.lengths[l]
+            torch.testing.assert_close(live.keys[l][:, :, :n], twin.keys[l][:, :, :n], rtol=1e-4, atol=1e-4)
+        pad = eng.compiled_decode._pad
+        assert pad.lengths == [1] * len(pad.lengths) and pad.position == 1
+        assert all(k.shape[2] == 1 + GROW_ROWS for k in pad.keys)
+    assert eng.compiled_decode.padded_steps - padded0 == 5
     assert counters["stats"]["unique_graphs"] == graphs
