@@ -231,6 +231,41 @@ def decode_cache_bytes(cache) -> int:
     return total
 
 
+class HeadInput:
+    """Records the last row of what the LM head reads (the final norm's output) on every call.
+
+    The served logits are the bf16 head's output: ~0.125 apart at logit ~30, so two top
+    tokens often tie exactly and ``argmax`` breaks the tie by vocabulary index. The same
+    hidden state through the head in float32 (:meth:`logits32`) has no such ties: the
+    first-token reading that depends on the hidden state, not on the head's rounding.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        head = model.get_output_embeddings()
+        self.weight = head.weight.detach().float()           # [vocab, hidden] float32 copy
+        self.last: torch.Tensor | None = None
+        self._handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        x = args[0]
+        self.last = x.reshape(-1, x.shape[-1])[-1].detach().clone()   # [hidden]
+
+    def logits32(self) -> torch.Tensor:
+        """float32 ``[vocab]`` logits of the last row the head read."""
+        if self.last is None:
+            raise RuntimeError("the LM head has not run")
+        return self.weight @ self.last.float()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def top2_margin(logits: torch.Tensor) -> float:
+    """top-1 minus top-2 of ``[vocab]`` logits (0.0: an exact tie)."""
+    v = torch.topk(logits.float().reshape(-1), 2).values
+    return float(v[0] - v[1])
+
+
 def fork(pre: PrefillResult) -> PrefillResult:
     """A copy whose decode cache can be consumed without touching ``pre``'s."""
     return dataclasses.replace(pre, cache=copy.deepcopy(pre.cache))

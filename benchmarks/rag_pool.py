@@ -64,6 +64,8 @@ def report(files: dict[str, dict], pooled: dict[str, dict | None], out: str) -> 
               ("agreement median >= 0.95", s["agreement"], s["agreement"] >= 0.95),
               ("agreement p10 >= 0.90", s["agreement_p10"], s["agreement_p10"] >= 0.90),
               ("first token >= 90%", s["first"], s["first"] >= 0.90),
+              ("first token >= 90% (float32 head over the same hidden states)", s.get("first_fp32"),
+               None if s.get("first_fp32") is None else s["first_fp32"] >= 0.90),
               ("ppl ratio median <= 1.02", s["ppl"], s["ppl"] <= 1.02)]
     lines += ["", f"## Issue targets on the pooled {s['prompts']} prompts (multi, default config)", "",
               "| target | measured | holds |", "| --- | ---: | --- |"]
