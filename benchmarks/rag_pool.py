@@ -37,6 +37,26 @@ def pooled_summary(files: dict[str, dict], method: str) -> dict | None:
     return summarize(recs) if recs else None
 
 
+MARGIN_BUCKETS = (("exact tie (0)", lambda m: m == 0.0), ("within 0.25", lambda m: 0.0 < m <= 0.25),
+                  ("over 0.25", lambda m: m > 0.25))
+
+
+def first_by_margin(files: dict[str, dict], method: str) -> list[tuple[str, int, int, int]]:
+    """First-token agreement of ``method`` on the pooled target prompts, split by the full
+    prefill's top-2 margin of its first logits (``full_first_margin``; bf16 logits of ~30
+    are 0.125 apart): ``(bucket, prompts, agree (served bf16 head), agree (float32 head))``.
+    Empty when the files predate the margin."""
+    recs = [r for res in files.values() for r in res["records"] if r["method"] == method and target(r)]
+    if not recs or any(r.get("full_first_margin") is None for r in recs):
+        return []
+    rows = []
+    for label, pred in MARGIN_BUCKETS:
+        g = [r for r in recs if pred(r["full_first_margin"])]
+        rows.append((label, len(g), sum(bool(r["first_token_agree"]) for r in g),
+                     sum(bool(r.get("first_token_agree_fp32")) for r in g)))
+    return rows
+
+
 def report(files: dict[str, dict], pooled: dict[str, dict | None], out: str) -> str:
     """The markdown report; ``pooled``: :func:`pooled_summary` per method (in report order)."""
     methods = list(pooled)
@@ -57,6 +77,18 @@ def report(files: dict[str, dict], pooled: dict[str, dict | None], out: str) -> 
     s = pooled.get("multi")
     if s is None:
         return "\n".join(lines + ["", "No several-source (multi) prompts in the target group."]) + "\n"
+    split = {m: first_by_margin(files, m) for m in methods}
+    if any(split.values()):
+        lines += ["", "## First token by how decided the full prefill's first token is", "",
+                  "The full prefill's top-2 margin of its first logits (the served bf16 head: logits of ~30 are "
+                  "0.125 apart, so near-ties are common); agreement with the full prefill's first token through "
+                  "the served bf16 head / a float32 head over the same hidden state.", "",
+                  "| method | margin | prompts | first token (bf16 head) | first token (float32 head) |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for m, rows in split.items():
+            for label, n, agree, agree32 in rows:
+                if n:
+                    lines.append(f"| {m} | {label} | {n} | {agree}/{n} | {agree32}/{n} |")
     checks = [("tokens mapped to a source >= 0.8", s["mapped"], s["mapped"] >= 0.8),
               ("rows reused at layer 1 (for reference)", s["reused"], None),
               ("median speedup >= 2.5x (timed sets only)", s["speedup"],

@@ -38,3 +38,18 @@ def test_pooled_targets_count_every_prompt_and_only_timed_speedups(tmp_path):
     md = (tmp_path / "pooled.md").read_text()
     assert "| first token >= 90% | 0.750 | NO |" in md
     assert "| median speedup >= 2.5x (timed sets only) | 2.500 | yes |" in md
+
+
+def test_first_token_is_split_by_the_full_prefills_margin():
+    """Near-ties apart: an exact tie, a margin within 0.25 and a clear one; the float32
+    head's reading beside the served one; files without margins give no split."""
+    recs = []
+    for margin, first, first32 in ((0.0, False, True), (0.125, True, True), (0.125, False, False), (1.5, True, True)):
+        r = _rec("multi", 1.0, first, 1.0)
+        r.update(full_first_margin=margin, first_token_agree_fp32=first32)
+        recs.append(r)
+    recs.append({**_rec("multi", 1.0, False, 1.0, length=1024), "full_first_margin": 2.0,
+                 "first_token_agree_fp32": False})  # outside the target group
+    rows = rag_pool.first_by_margin({"a": _res(0, 0, recs)}, "multi")
+    assert rows == [("exact tie (0)", 1, 0, 1), ("within 0.25", 2, 1, 1), ("over 0.25", 1, 1, 1)]
+    assert rag_pool.first_by_margin({"a": _res(0, 0, [_rec("multi", 1.0, True, 1.0)])}, "multi") == []
