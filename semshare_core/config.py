@@ -102,9 +102,11 @@ class SemShareConfig:
         quality did not move beyond noise; a changed number's digits would land on the
         stale number's digits in the same passage, so they are off by default.
         ``boundary_rows``: with several sources, the first this-many tokens of each run
-        that does not continue the previous one (another source, or another place in
-        one) are recomputed on top of the budget (their reused K/V never saw the tokens
-        before them). Default 16: the layer-1 probe recomputes ~57% of the first 16
+        that does not continue the previous one (another source, another place in one,
+        or the same run resumed after unmapped tokens, i.e. an edit) are recomputed on
+        top of the budget (their reused K/V never saw the tokens before them; after an
+        edit, 3 x 18 held-out 2k prompts: fact answers 5/6 correct instead of 4/6,
+        agreement p10 0.92 instead of 0.91, medians unchanged, FLOP +0.003). Default 16: the layer-1 probe recomputes ~57% of the first 16
         rows of each run vs ~24% of rows past 64 (their deep-layer K/V deviate 0.14-0.18
         vs 0.08 from a full prefill's), and at 2k tokens forcing 16 more rows per boundary
         lowered the perplexity ratio on all 4 prompts tried (median 1.05 -> 1.01), more

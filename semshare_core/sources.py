@@ -75,13 +75,15 @@ class SourceMapping(MatchKinds):
     def boundaries(self) -> np.ndarray:
         """int64 positions ``i > 0`` where a mapped token does not continue the previous
         mapped token's run: another source, or another place in the same source (e.g. two
-        passages of one cached prompt that were not adjacent there). The reused K/V from
-        such a token on never saw the tokens before it."""
+        passages of one cached prompt that were not adjacent there), or the same run
+        resumed after unmapped tokens (an edit: a changed number's digits). The reused K/V
+        from such a token on never saw the tokens before it."""
         mapped = np.nonzero(self.source >= 0)[0]
         if mapped.size < 2:
             return np.zeros(0, dtype=np.int64)
         s, p = self.source[mapped], self.src_index[mapped]
-        jump = (s[1:] != s[:-1]) | (p[1:] - p[:-1] != mapped[1:] - mapped[:-1])
+        gap = mapped[1:] - mapped[:-1]
+        jump = (s[1:] != s[:-1]) | (p[1:] - p[:-1] != gap) | (gap > 1)
         return mapped[1:][jump].astype(np.int64)
 
 
