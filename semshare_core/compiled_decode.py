@@ -125,8 +125,7 @@ class CompiledDecode(CompiledPass):
                 logits = self.step([seqs[0], pad], [int(tokens[0]), 0], kernel)
             finally:
                 self._placeholder(seqs[0])  # back to one row: the next padded step writes row 1 again
-            if logits.shape[0] == 2:
-                self.padded_steps += 1
+            self.padded_steps += 1
             return logits[:1]
         ids = torch.tensor([list(tokens)], device=self.device)
         pos = torch.tensor([[s.position for s in seqs]], device=self.device)

@@ -106,10 +106,10 @@ class SemShareConfig:
         or the same run resumed after unmapped tokens, i.e. an edit) are recomputed on
         top of the budget (their reused K/V never saw the tokens before them; after an
         edit, 3 x 18 held-out 2k prompts: fact answers 5/6 correct instead of 4/6,
-        agreement p10 0.92 instead of 0.91, medians unchanged, FLOP +0.003). Default 16: the layer-1 probe recomputes ~57% of the first 16
-        rows of each run vs ~24% of rows past 64 (their deep-layer K/V deviate 0.14-0.18
-        vs 0.08 from a full prefill's), and at 2k tokens forcing 16 more rows per boundary
-        lowered the perplexity ratio on all 4 prompts tried (median 1.05 -> 1.01), more
+        agreement p10 0.92 instead of 0.91, medians unchanged, FLOP +0.003). Default 16:
+        the layer-1 probe recomputes ~57% of the first 16 rows of each run vs ~24% of
+        rows past 64 (their deep-layer K/V deviate 0.14-0.18 vs 0.08 from a full
+        prefill's), and at 2k tokens forcing 16 more rows per boundary lowered the perplexity ratio on all 4 prompts tried (median 1.05 -> 1.01), more
         than spending the same rows on a higher recompute_ratio (0.4, 0.5).
         ``source_recompute_floor``: the ``recompute_floor`` of a several-source hit (the
         larger of the two applies; a hit on one reference keeps ``recompute_floor``).
