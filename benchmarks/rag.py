@@ -424,7 +424,6 @@ def summarize(recs: list[dict]) -> dict:
             "first": sum(bool(r["first_token_agree"]) for r in recs) / len(recs),
             "first_fp32": (sum(bool(r["first_token_agree_fp32"]) for r in recs) / len(recs)
                            if all("first_token_agree_fp32" in r for r in recs) else None),
-            "ref_ties": sum(r.get("full_first_margin") == 0.0 for r in recs),
             "ppl": _med([r["ppl_ratio"] for r in recs]), "ppl_max": max(r["ppl_ratio"] for r in recs),
             "correct": (sum(r["answer_correct"] for r in ans), len(ans)) if ans else None,
             "stale": sum(r["answer_stale"] for r in ans) if ans else None}

@@ -100,12 +100,11 @@ class CompiledDecode(CompiledPass):
 
     def _placeholder(self, like: _batch.SeqKV) -> _batch.SeqKV:
         """The request a batch of one is padded with: one zero K/V row per layer at position
-        0 (shaped like ``like``'s layers), its next token at position 1. Built once; reset
-        to that state after each padded step, so its buffers never grow."""
+        0 (shaped like ``like``'s layers: heads, head size, dtype and device are the
+        model's, so it is built once), its next token at position 1. Reset to that state
+        after each padded step, so its buffers never grow."""
         pad = self._pad
-        if (pad is None or len(pad.keys) != len(like.keys)
-                or any(p.shape[1] != k.shape[1] or p.shape[3] != k.shape[3] or p.dtype != k.dtype
-                       or p.device != k.device for p, k in zip(pad.keys, like.keys))):
+        if pad is None:
             zeros = [k.new_zeros((1, k.shape[1], 1, k.shape[3])) for k in like.keys]
             pad = self._pad = _batch.SeqKV(zeros, [z.clone() for z in zeros], position=1)
         pad.lengths = [1] * len(pad.keys)
