@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(what a served miss runs; the same math, other bf16 rounding): the numerical floor of "
                          "the quality metrics (0 = off)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile-prefill", choices=("off", "on", "auto"), default="off",
+                    help="the engine's compile_prefill: full prefills and hits' layers compiled (the server's "
+                         "default is auto = on for bf16 on a CPU); off = the library default, eager")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="top-k values for the retrieval table")
     ap.add_argument("--config", default="{}", help="JSON SemShareConfig overrides for single and multi")
@@ -232,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     lm = load_smollm2()
     cfg = SemShareConfig.from_dict({"seed": a.seed, **json.loads(a.config)})
-    eng = SemShareEngine(lm.model, lm.tokenizer, cfg)
+    eng = SemShareEngine(lm.model, lm.tokenizer, cfg, compile_prefill=a.compile_prefill)
+    if eng.compiled_prefill is not None:
+        print(f"compiled full prefill and hit layers in {eng.warm_compiled_prefill():.0f} s", file=sys.stderr,
+              flush=True)
     L_layers = eng.num_layers
 
     def count(text: str) -> int:
@@ -452,7 +458,8 @@ def report(res: dict) -> str:
     cfg = res["config"]["semshare_config"]
     lines = [f"# RAG-shaped prompts: one source vs several (`{res['config']['out']}`)", "",
              f"Model **{res['model']}**, bf16, CPU ({res['machine']['cpu']}), {res['machine']['threads']} torch thread, "
-             f"torch {res['machine']['torch']}. Passages ~{res['per_passage_tokens']:.0f} tokens; passages per prompt "
+             f"torch {res['machine']['torch']}; compile_prefill {res['config'].get('compile_prefill', 'off')} "
+             "(on: full prefills and hits' layers compiled, as served). Passages ~{res['per_passage_tokens']:.0f} tokens; passages per prompt "
              f"{res['passages_per_prompt']}; {res['config']['entries']} cached prompts per length in the index. "
              f"Engine config: recompute_ratio {cfg['recompute_ratio']}, max_sources {cfg['max_sources']}, "
              f"source_candidates {cfg['source_candidates']}, source_min_gain {cfg['source_min_gain']}, "

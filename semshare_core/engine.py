@@ -36,6 +36,7 @@ from .prefill import full_length_cache, full_prefill, probe_runs, selective_pref
 from .prepack import prepack_linears
 from .compiled_decode import CompiledDecode, wanted as compile_wanted
 from .compiled_prefill import CompiledPrefill
+from .compiled_selective import CompiledSelective
 from .decode_kernel import resolve as resolve_decode_kernel
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
@@ -166,6 +167,7 @@ class SemShareEngine:
         self.compiled_decode = CompiledDecode(model) if compile_wanted(compile_decode, self.device, self.dtype) else None
         self.compiled_prefill = (CompiledPrefill(model) if compile_wanted(compile_prefill, self.device, self.dtype,
                                                                           "compile_prefill") else None)
+        self.compiled_selective = CompiledSelective(model) if self.compiled_prefill is not None else None
 
     def _full_forward(self, ids: torch.Tensor, cache=None):
         """:func:`~semshare_core.prefill.full_prefill` of ``ids`` after ``cache``'s rows, compiled
@@ -175,8 +177,9 @@ class SemShareEngine:
         return full_prefill(self.model, ids, cache)
 
     def warm_compiled_prefill(self) -> Optional[float]:
-        """Compile the full prefill now (a short throwaway prompt in two chunks): seconds
-        taken, or None when it is off. A failed compile leaves it off (logged)."""
+        """Compile the full prefill and the hits' layer graph now (a short throwaway prompt in
+        two chunks, then a selective pass over its own KV): seconds taken, or None when they
+        are off. A failed compile leaves that pass eager (logged)."""
         if self.compiled_prefill is None:
             return None
         t0 = time.perf_counter()
@@ -184,6 +187,12 @@ class SemShareEngine:
             ids = torch.arange(1, 17, dtype=torch.long) % max(2, self.signature.vocab_size - 1) + 1
             _, cache = self.compiled_prefill.forward(ids[:9])
             self.compiled_prefill.forward(ids[9:], cache)
+            if self.compiled_selective is not None:
+                kv = torch.stack([torch.stack([cache.layers[l].keys[0], cache.layers[l].values[0]])
+                                  for l in range(self.num_layers)])              # [L, 2, H, 16, D]
+                cfg = self.config.with_(recompute_ratio=0.5, recompute_min_tokens=0, window=2, retention=1.0)
+                selective_prefill(self.model, ids, kv, torch.zeros(ids.numel(), dtype=torch.bool), cfg,
+                                  compiled=self.compiled_selective)
         return time.perf_counter() - t0
 
     def decode_step(self, seqs, tokens) -> torch.Tensor:
@@ -438,7 +447,7 @@ class SemShareEngine:
         t2 = self._clock()
         prune = cfg.retention < 1.0
         out = selective_prefill(self.model, torch.from_numpy(ids), feed, torch.from_numpy(forced), cfg,
-                                record_attention=prune)
+                                record_attention=prune, compiled=self.compiled_selective)
         kept = None
         if prune:
             floor = min(n, cfg.sink_tokens + cfg.window)

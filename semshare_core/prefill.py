@@ -265,7 +265,7 @@ def _select(score: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, 
 
 @torch.no_grad()
 def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_recompute: torch.Tensor,
-                      cfg: SemShareConfig, record_attention: bool = False) -> SelectiveOutput:
+                      cfg: SemShareConfig, record_attention: bool = False, compiled=None) -> SelectiveOutput:
     """Prefill ``ids`` ``[n]`` reusing ``ref_kv`` ``[L, 2, H, n, D]`` (modified in place: it becomes the prompt's KV).
 
     ``ref_kv`` is a tensor (gathered and re-rotated) or a feed that fills its ``buffer``
@@ -274,6 +274,8 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
     ``finish()`` on the way out, also on an exception.
     ``must_recompute``: bool ``[n]``, tokens without a usable reference row (always
     recomputed, with the last ``window`` tokens).
+    ``compiled``: a :class:`~semshare_core.compiled_selective.CompiledSelective` to run
+    the decoder layers through (not with ``record_attention``); None: eager.
     """
     from .attention import RowPlan, selective_attention
 
@@ -308,6 +310,7 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
                 (cos[:, r], sin[:, r]))
 
     probe_ok = L > 1 and _probe_supported(layers[1])
+    use_compiled = compiled is not None and recorder is None
     fill = cfg.row_bucket > 1
     plan, pe = plan_for(rows)
     with selective_attention(model, recorder) as attention, feed:
@@ -322,8 +325,9 @@ def selective_prefill(model: torch.nn.Module, ids: torch.Tensor, ref_kv, must_re
             cache.want_deviation = shrink_by_deviation or (l == 0 and not probe_ok and not everything)
             attention.set(plan)
             feed.ready(l)
-            hidden = layer(hidden, attention_mask=None, position_ids=rows[None], position_embeddings=pe,
-                           **{ckw: cache})
+            out = compiled.layer(layer, l, hidden, pe, cache, plan) if use_compiled and compiled.active else None
+            hidden = out if out is not None else layer(hidden, attention_mask=None, position_ids=rows[None],
+                                                       position_embeddings=pe, **{ckw: cache})
             feed.stage(l + 2)  # the host gathers layer l+2 while the device runs layer l
             rows_per_layer.append(int(rows.numel()))
             if l + 1 == L or everything:

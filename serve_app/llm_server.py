@@ -102,7 +102,7 @@ class SemShareServer:
                                      compile_decode=self.args.compile_decode,
                                      compile_prefill=self.args.compile_prefill)
         logger.info("decode attention: %s (decode_attention=%s); decode step: %s (compile_decode=%s); full "
-                    "prefill: %s (compile_prefill=%s)",
+                    "prefill and hit layers: %s (compile_prefill=%s)",
                     f"native kernel {self.engine.decode_kernel.path.name}" if self.engine.decode_kernel else "SDPA",
                     self.args.decode_attention, "compiled" if self.engine.compiled_decode else "eager",
                     self.args.compile_decode, "compiled" if self.engine.compiled_prefill else "eager",
@@ -170,7 +170,7 @@ class SemShareServer:
             return "eager" if c is None else (f"compiled in {secs:.1f}s" if c.active
                                               else f"eager (compile failed: {c.failed})")
         logger.info("SemShareServer %s warmed up in %.0f ms: full prefill of %d tokens, %d decode steps, hit "
-                    "path %s, decode step %s, full prefill %s", self.replica, rep.ms, rep.prompt_tokens,
+                    "path %s, decode step %s, full prefill and hit layers %s", self.replica, rep.ms, rep.prompt_tokens,
                     rep.decode_steps, f"ran ({rep.staging})" if rep.hit else f"did not run ({rep.hit_error or 'no hit'})",
                     compiled(self.engine.compiled_decode, rep.compile_s or 0.0),
                     compiled(self.engine.compiled_prefill, rep.compile_prefill_s or 0.0))
@@ -517,6 +517,8 @@ class SemShareServer:
                                                       "compiled_steps"),
                 "compile_prefill": self._compile_state(self.engine.compiled_prefill, self.args.compile_prefill,
                                                        "compiled_chunks"),
+                "compile_hit_layers": self._compile_state(self.engine.compiled_selective, self.args.compile_prefill,
+                                                          "compiled_layers"),
                 "warmup": self.warmup.as_dict() if self.warmup is not None else {"ran": False}}
 
     def _compile_state(self, compiled, mode: str, counter: str) -> dict:

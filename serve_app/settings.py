@@ -78,9 +78,9 @@ class AppArgs(BaseModel):
         "with a C++ compiler (compiled during the replica's warm-up, ~1-2 min the first time on one core), on = "
         "always, off = eager steps (bf16 decode rounding as transformers' generate, with decode_attention=sdpa)")
     compile_prefill: Literal["auto", "on", "off"] = Field(
-        "auto", description="full prefills (and their chunks) as one torch.compile (inductor) graph: auto = for "
-        "bf16 on a CPU with a C++ compiler (compiled during the warm-up), on = always, off = eager "
-        "(bf16 prefill rounding as transformers' generate); hits are not compiled")
+        "auto", description="full prefills (and their chunks) as one torch.compile (inductor) graph, and a hit's "
+        "decoder layers as one more (shared by every layer): auto = for bf16 on a CPU with a C++ compiler "
+        "(compiled during the warm-up), on = always, off = eager (bf16 prefill rounding as transformers' generate)")
     # deployments
     num_replicas: int = Field(1, ge=1, le=1024)
     autoscaling_config: Optional[AutoscalingArgs] = Field(

@@ -6,8 +6,9 @@ intra-op thread pool of the engine thread). :func:`warm_up` pays them once, thro
 real engine path, on the replica's own scheduler thread:
 
 0. where the batched decode step or the full prefill is compiled (``compile_decode``,
-   ``compile_prefill``), their compiles: a short throwaway prompt prefilled in two chunks, two
-   throwaway requests decoded together, on the calling thread while the scheduler idles
+   ``compile_prefill``), their compiles: a short throwaway prompt prefilled in two chunks and
+   then as a hit over its own KV (the hits' layer graph), two throwaway requests decoded
+   together, on the calling thread while the scheduler idles
    (:meth:`SemShareEngine.warm_compiled_prefill` / ``warm_compiled_decode``; a failed compile
    leaves the eager path);
 1. a full prefill of a short fixed prompt (at most ``WARMUP_MAX_TOKENS`` tokens, from
