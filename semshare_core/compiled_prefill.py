@@ -16,7 +16,8 @@ stock decoder layers are traced as they are, and what holds state stays eager:
   eagerly.
 
 Used for bf16 on a CPU with a C++ compiler (``mode="auto"``), forced by ``"on"``, never
-with ``"off"``. Selective (hit) prefills are not compiled. A compiled bf16 prefill rounds
+with ``"off"``. A hit's decoder layers have their own graph under the same setting
+(:mod:`semshare_core.compiled_selective`). A compiled bf16 prefill rounds
 differently from ``generate``'s (float32 kept between fused ops); float32 models keep the
 eager path under ``auto``. A failure while tracing or compiling, before the cache changed,
 logs once and falls back to the eager prefill for good.
