@@ -320,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         recs, target, nll_full, ans_full = {}, None, None, None
         first32_full, margin_full = None, None
         for name in names:  # warm-up + untimed quality
+            head.last = None
             pre = run(name)
-            first32 = int(torch.argmax(head.logits32()))  # the same hidden state through a float32 head
+            # the same hidden state through a float32 head; None where the head ran inside a compiled
+            # graph (--compile-prefill: the full prefill), which its hook cannot see
+            first32 = None if head.last is None else int(torch.argmax(head.logits32()))
             if name == "full":
                 first32_full, margin_full = first32, top2_margin(pre.logits)
             st = pre.stats
@@ -344,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "full":
                 target, nll_full = toks, nll
             rec.update(agreement=metrics.agreement(argmaxes, target), first_token_agree=argmaxes[0] == target[0],
-                       first_token_agree_fp32=first32 == first32_full, full_first_margin=margin_full,
-                       ppl_ratio=metrics.ppl_ratio(nll, nll_full, a.new_tokens))
+                       full_first_margin=margin_full, ppl_ratio=metrics.ppl_ratio(nll, nll_full, a.new_tokens))
+            if first32 is not None and first32_full is not None:
+                rec["first_token_agree_fp32"] = first32 == first32_full
             recs[name] = rec
             del pre
         rng = random.Random(f"{a.seed}:{pi}")

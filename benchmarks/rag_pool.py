@@ -41,10 +41,11 @@ MARGIN_BUCKETS = (("exact tie (0)", lambda m: m == 0.0), ("within 0.25", lambda 
                   ("over 0.25", lambda m: m > 0.25))
 
 
-def first_by_margin(files: dict[str, dict], method: str) -> list[tuple[str, int, int, int]]:
+def first_by_margin(files: dict[str, dict], method: str) -> list[tuple[str, int, int, int | None]]:
     """First-token agreement of ``method`` on the pooled target prompts, split by the full
     prefill's top-2 margin of its first logits (``full_first_margin``; bf16 logits of ~30
-    are 0.125 apart): ``(bucket, prompts, agree (served bf16 head), agree (float32 head))``.
+    are 0.125 apart): ``(bucket, prompts, agree (served bf16 head), agree (float32 head),
+    None where a file has no float32 reading: a compiled full prefill)``.
     Empty when the files predate the margin."""
     recs = [r for res in files.values() for r in res["records"] if r["method"] == method and target(r)]
     if not recs or any(r.get("full_first_margin") is None for r in recs):
@@ -53,7 +54,8 @@ def first_by_margin(files: dict[str, dict], method: str) -> list[tuple[str, int,
     for label, pred in MARGIN_BUCKETS:
         g = [r for r in recs if pred(r["full_first_margin"])]
         rows.append((label, len(g), sum(bool(r["first_token_agree"]) for r in g),
-                     sum(bool(r.get("first_token_agree_fp32")) for r in g)))
+                     sum(bool(r["first_token_agree_fp32"]) for r in g)
+                     if all("first_token_agree_fp32" in r for r in g) else None))
     return rows
 
 
@@ -88,7 +90,8 @@ def report(files: dict[str, dict], pooled: dict[str, dict | None], out: str) -> 
         for m, rows in split.items():
             for label, n, agree, agree32 in rows:
                 if n:
-                    lines.append(f"| {m} | {label} | {n} | {agree}/{n} | {agree32}/{n} |")
+                    fp32 = "n/a" if agree32 is None else f"{agree32}/{n}"
+                    lines.append(f"| {m} | {label} | {n} | {agree}/{n} | {fp32} |")
     checks = [("tokens mapped to a source >= 0.8", s["mapped"], s["mapped"] >= 0.8),
               ("rows reused at layer 1 (for reference)", s["reused"], None),
               ("median speedup >= 2.5x (timed sets only)", s["speedup"],

@@ -53,3 +53,7 @@ def test_first_token_is_split_by_the_full_prefills_margin():
     rows = rag_pool.first_by_margin({"a": _res(0, 0, recs)}, "multi")
     assert rows == [("exact tie (0)", 1, 0, 1), ("within 0.25", 2, 1, 1), ("over 0.25", 1, 1, 1)]
     assert rag_pool.first_by_margin({"a": _res(0, 0, [_rec("multi", 1.0, True, 1.0)])}, "multi") == []
+    for r in recs[:2]:  # a compiled full prefill gives no float32 reading: n/a, not 0 agreements
+        del r["first_token_agree_fp32"]
+    rows = rag_pool.first_by_margin({"a": _res(0, 0, recs)}, "multi")
+    assert rows == [("exact tie (0)", 1, 0, None), ("within 0.25", 2, 1, None), ("over 0.25", 1, 1, 1)]
