@@ -31,7 +31,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .compiled_common import CompiledPass, fake_output, register_attention
+from .compiled_common import CompiledPass, attention_impl, fake_output, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,11 @@ register_attention(IMPL, torch.ops.semshare.prefill_attention, "compiled prefill
 
 @contextlib.contextmanager
 def _routed(model: torch.nn.Module, cache):
-    cfg = model.config
-    prev = cfg._attn_implementation
     _STATE.cache, _STATE.touched = cache, False
-    cfg._attn_implementation = IMPL
     try:
-        yield
+        with attention_impl(model, IMPL):
+            yield
     finally:
-        cfg._attn_implementation = prev
         _STATE.cache = None
 
 

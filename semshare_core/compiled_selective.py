@@ -30,7 +30,6 @@ from eager ones (float32 kept between fused ops), as the compiled full prefill d
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from typing import Optional
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .compiled_common import fake_output
+from .compiled_common import attention_impl, failure_text, fake_output
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +97,6 @@ class CompiledSelective:
     def active(self) -> bool:
         return self.failed is None
 
-    @contextlib.contextmanager
-    def _routed(self):
-        cfg = self.model.config
-        prev = cfg._attn_implementation
-        cfg._attn_implementation = IMPL
-        try:
-            yield
-        finally:
-            cfg._attn_implementation = prev
-
     def layer(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
               cache, plan) -> Optional[torch.Tensor]:
         """Run decoder layer ``index`` on ``hidden [1, s, hidden]`` at the rows' rotary
@@ -123,12 +112,12 @@ class CompiledSelective:
         for t in (hidden, cos, sin):
             torch._dynamo.mark_dynamic(t, 1)
         try:
-            with torch.no_grad(), self._routed():
+            with torch.no_grad(), attention_impl(self.model, IMPL):
                 out = self._fn(layer, hidden, cos, sin)
         except Exception as e:
             if st.touched:
                 raise
-            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
+            self.failed = failure_text(e)
             logger.warning("compiled hit layers unavailable (%s); hits run eagerly", self.failed)
             return None
         finally:
