@@ -146,6 +146,18 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 ALL_ATTENTION_FUNCTIONS.register(IMPL, _attention)
 
 
+@contextlib.contextmanager
+def attention_impl(model: torch.nn.Module, impl: str):
+    """``model``'s attention routed through ``impl`` (a registered name) for the duration."""
+    cfg = model.config
+    prev = cfg._attn_implementation
+    cfg._attn_implementation = impl
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = prev
+
+
 class PlanHolder:
     """Sets the plan the attention function uses for the following layer calls."""
 
@@ -160,13 +172,11 @@ def selective_attention(model: torch.nn.Module, recorder: Callable | None = None
     The model's own implementation (``sdpa`` or ``eager``) handles the full square pass;
     a recorder (if any) sees every layer's attention inputs.
     """
-    cfg = model.config
-    prev = cfg._attn_implementation
-    base = prev if prev in ("sdpa", "eager") else "sdpa"
-    _STATE.base, _STATE.recorder, _STATE.plan = base, recorder, None
-    cfg._attn_implementation = IMPL
+    prev = model.config._attn_implementation
+    _STATE.base = prev if prev in ("sdpa", "eager") else "sdpa"
+    _STATE.recorder, _STATE.plan = recorder, None
     try:
-        yield PlanHolder()
+        with attention_impl(model, IMPL):
+            yield PlanHolder()
     finally:
-        cfg._attn_implementation = prev
         _STATE.recorder, _STATE.plan = None, None

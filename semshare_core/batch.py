@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention import attention_impl
+
 IMPL = "semshare_batch"
 GROW_ROWS = 64  # buffers grow by at least this many rows (amortised: no torch.cat per step)
 _STATE = threading.local()
@@ -221,14 +223,11 @@ ALL_ATTENTION_FUNCTIONS.register(IMPL, _ragged_attention)
 def batched_attention(model: torch.nn.Module, cache: BatchCache, kernel=None, impl: str = IMPL) -> Iterator[None]:
     """Route the model's attention through ``impl`` (:data:`IMPL`, or the compiled step's)
     for one step (one thread at a time)."""
-    cfg = model.config
-    prev = cfg._attn_implementation
     _STATE.cache, _STATE.kernel = cache, kernel
-    cfg._attn_implementation = impl
     try:
-        yield
+        with attention_impl(model, impl):
+            yield
     finally:
-        cfg._attn_implementation = prev
         _STATE.cache = _STATE.kernel = None
 
 

@@ -3,7 +3,6 @@
 layers see, and the attention function that hands each layer to an opaque custom op."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 from typing import Callable, Optional
@@ -49,18 +48,6 @@ TRACED = TracedCache()
 def fake_output(query: torch.Tensor) -> torch.Tensor:
     """The custom ops' output for ``query [1, Hq, n, D]``: ``[1, n, Hq, D]``."""
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-
-
-@contextlib.contextmanager
-def attention_impl(model: torch.nn.Module, impl: str):
-    """``model``'s attention routed through ``impl`` (a registered name) for the duration."""
-    cfg = model.config
-    prev = cfg._attn_implementation
-    cfg._attn_implementation = impl
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = prev
 
 
 def failure_text(e: BaseException) -> str:

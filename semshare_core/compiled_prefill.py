@@ -31,7 +31,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .compiled_common import CompiledPass, attention_impl, fake_output, register_attention
+from .attention import attention_impl
+from .compiled_common import CompiledPass, fake_output, register_attention
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .compiled_common import attention_impl, failure_text, fake_output
+from .attention import attention_impl
+from .compiled_common import failure_text, fake_output
 
 logger = logging.getLogger(__name__)
 
