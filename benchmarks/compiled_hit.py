@@ -104,12 +104,47 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def rag_hits(lengths, sources, prompts: int, seed: int, threads: int):
+    """SmolLM2-135M bf16 with ``compile_prefill="on"`` (warmed), and the RAG-shaped prompts of
+    :mod:`benchmarks.rag` that find sources: ``(engine, compile_s, [(ids, [PackedKV, ...])])``,
+    the sources as ``lookup_sources`` picks them after every cached prompt was prefilled."""
     from semshare_core import SemanticIndex, SemShareConfig, SemShareEngine
     from semshare_core.models import load_smollm2
 
     from .rag import build
 
+    torch.set_num_threads(threads)
+    lm = load_smollm2()
+    cfg = SemShareConfig.from_dict({"seed": seed})
+    eng = SemShareEngine(lm.model, lm.tokenizer, cfg, compile_prefill="on")
+    compile_s = eng.warm_compiled_prefill()
+    if not (eng.compiled_prefill.active and eng.compiled_selective.active):
+        raise SystemExit(f"a compiled pass is unavailable: {eng.compiled_prefill.failed or eng.compiled_selective.failed}")
+
+    def count(text):
+        return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(text):
+        return eng.encode_chat([{"role": "user", "content": text}])
+
+    data = build(lengths, sources, prompts, 0, 8, seed, count)
+    index = SemanticIndex(cfg.fingerprint_dim, max_items=4096, max_bytes=1 << 40)
+    for e in data["cached"]:
+        ids = encode(e["text"])
+        packed = eng.export_kv(eng.prefill(ids))
+        index.add(e["key"], eng.fingerprint(ids), ids, packed.nbytes, packed)
+    hits = []
+    for item in data["new"]:
+        ids = encode(item["text"])
+        cov = index.lookup_sources(eng.fingerprint(ids), ids, threshold=cfg.sim_threshold, k=cfg.source_candidates,
+                                   max_sources=cfg.max_sources, min_gain=cfg.source_min_gain,
+                                   min_sim=cfg.source_min_sim, ngram=cfg.ngram)
+        if cov is not None:
+            hits.append((ids, [m.entry.payload for m in cov.matches]))
+    return eng, compile_s, hits
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_hit", description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--sources", type=int, nargs="+", default=[3, 4])
@@ -122,37 +157,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 5:
         print("note: fewer than 5 rounds")
-    torch.set_num_threads(a.threads)
-    lm = load_smollm2()
-    cfg = SemShareConfig.from_dict({"seed": a.seed})
-    eng = SemShareEngine(lm.model, lm.tokenizer, cfg, compile_prefill="on")
-    compile_s = eng.warm_compiled_prefill()
-    if not (eng.compiled_prefill.active and eng.compiled_selective.active):
-        raise SystemExit(f"a compiled pass is unavailable: {eng.compiled_prefill.failed or eng.compiled_selective.failed}")
-
-    def count(text):
-        return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode(text):
-        return eng.encode_chat([{"role": "user", "content": text}])
-
-    data = build(a.lengths, a.sources, a.prompts, 0, 8, a.seed, count)
-    index = SemanticIndex(cfg.fingerprint_dim, max_items=4096, max_bytes=1 << 40)
-    for e in data["cached"]:
-        ids = encode(e["text"])
-        packed = eng.export_kv(eng.prefill(ids))
-        index.add(e["key"], eng.fingerprint(ids), ids, packed.nbytes, packed)
+    eng, compile_s, hits = rag_hits(a.lengths, a.sources, a.prompts, a.seed, a.threads)
     before = [round(x, 2) for x in os.getloadavg()]
     runs = []
-    for item in data["new"]:
-        ids = encode(item["text"])
-        cov = index.lookup_sources(eng.fingerprint(ids), ids, threshold=cfg.sim_threshold, k=cfg.source_candidates,
-                                   max_sources=cfg.max_sources, min_gain=cfg.source_min_gain,
-                                   min_sim=cfg.source_min_sim, ngram=cfg.ngram)
-        if cov is None:
-            continue
-        runs.append({**measure(eng, ids, [m.entry.payload for m in cov.matches], a.rounds),
-                     "sources": len(cov.matches)})
+    for ids, sources in hits:
+        runs.append({**measure(eng, ids, sources, a.rounds), "sources": len(sources)})
         print(runs[-1], flush=True)
     res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "threads": a.threads,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rounds": a.rounds, "seed": a.seed,

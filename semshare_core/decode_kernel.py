@@ -8,10 +8,9 @@ layer's requests in one call: per request and KV head, the group's query heads a
 against each K row with VDPBF16PS (bf16 pairs, fp32 accumulation), the softmax is fp32,
 and the values' weighted sum is fp32 rounded to bf16 once; each K and V row is read once.
 
-It is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) with
-``-O3 -march=native`` into ``<cache>/native/`` (:func:`semshare_core.models.default_cache_dir`),
-keyed by the source, the compiler and the CPU, so a replica builds it once (~4 s) and
-later starts load it. Where anything is missing (another architecture, no AVX512-BF16, no
+It is compiled with ``-O3 -march=native`` by :mod:`semshare_core.native` (the system C
+compiler, into the cache, keyed by the source, the compiler and the CPU), so a replica
+builds it once (~4 s) and later starts load it. Where anything is missing (another architecture, no AVX512-BF16, no
 compiler, a failed build) :func:`load` returns None with the reason logged, and decode
 uses SDPA.
 
@@ -24,22 +23,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from . import native
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attn.c"
+SOURCE = native.CSRC / "decode_attn.c"
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 ABI = 2
 HEAD_DIMS = (64, 128)
@@ -48,29 +44,17 @@ MODES = ("auto", "native", "sdpa")
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
 
-@functools.lru_cache(maxsize=None)
-def _cpuinfo(field: str) -> str:
-    """The first ``field`` line of ``/proc/cpuinfo`` (its value), or ""."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def cpu_flags() -> set[str]:
-    return set(_cpuinfo("flags").split())
+    return native.cpu_flags()
 
 
-def _cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor()
+def _compiler() -> Optional[str]:
+    return native.compiler()
 
 
 def unavailable_reason() -> Optional[str]:
     """Why this machine cannot build the kernel, or None."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not native.is_x86_64():
         return f"not an x86_64 CPU ({platform.machine()})"
     missing = [f for f in _REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
@@ -80,39 +64,9 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _library_path(cc: str) -> Path:
-    from .models import default_cache_dir
-
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_model().encode(), " ".join(sorted(cpu_flags())).encode()])).hexdigest()
-    return default_cache_dir() / "native" / f"decode_attn-{key[:16]}.so"
-
-
 def build(cc: str) -> Path:
     """Compile the kernel (unless already cached); returns the library's path."""
-    path = _library_path(cc)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # replicas may build at once: rename last
-    os.close(fd)
-    try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return native.build_library(cc, SOURCE, FLAGS, "decode_attn")
 
 
 class DecodeKernel:

@@ -38,6 +38,7 @@ from .compiled_decode import CompiledDecode, wanted as compile_wanted
 from .compiled_prefill import CompiledPrefill
 from .compiled_selective import CompiledSelective
 from .decode_kernel import resolve as resolve_decode_kernel
+from .gather_kernel import load as load_gather_kernel
 from .pruning import layer_budgets, pruned_cache, retained_indices
 from .rope import Rerotator
 
@@ -168,6 +169,9 @@ class SemShareEngine:
         self.compiled_prefill = (CompiledPrefill(model) if compile_wanted(compile_prefill, self.device, self.dtype,
                                                                           "compile_prefill") else None)
         self.compiled_selective = CompiledSelective(model) if self.compiled_prefill is not None else None
+        # one pass for a hit's host gather + key re-rotation (same bits as the torch path)
+        self.gather_kernel = (load_gather_kernel() if self.device.type == "cpu" and self.dtype == torch.bfloat16
+                              and self.rerotate.fast else None)
 
     def _full_forward(self, ids: torch.Tensor, cache=None):
         """:func:`~semshare_core.prefill.full_prefill` of ``ids`` after ``cache``'s rows, compiled
@@ -380,7 +384,15 @@ class SemShareEngine:
         elif self.device.type != "cpu":
             kv = self.staging.gather(reference.to_torch("cpu"), 3, idx).to(dtype=self.dtype)
         else:
-            kv = reference.to_torch("cpu").index_select(3, idx).to(dtype=self.dtype)
+            src = reference.to_torch("cpu")
+            delta = torch.arange(idx.numel()) - idx
+            if self.gather_kernel is not None and self.gather_kernel.handles(src, [src]):
+                kv = torch.empty((*src.shape[:3], idx.numel(), src.shape[4]), dtype=src.dtype)
+                cos, sin = self.rerotate.angles(delta, self.device)
+                if self.gather_kernel.gather_rotate(kv, [src], np.zeros(idx.numel(), np.int32),
+                                                    mapping.ref_index, cos, sin):
+                    return kv
+            kv = src.index_select(3, idx).to(dtype=self.dtype)
         delta = torch.arange(idx.numel(), device=self.device) - idx.to(self.device)
         self.rerotate.rotate_(kv[:, 0], delta)
         return kv
@@ -571,6 +583,14 @@ class SemShareEngine:
         on_device = [kv is not None or self.device.type == "cpu" for kv in kvs]
         local = [(kv if kv is not None else src.to_torch("cpu"))[from_layer:] if ok else None
                  for src, kv, ok in zip(sources, kvs, on_device)]
+        delta = (torch.arange(n) - torch.from_numpy(mapping.src_index)).to(self.device)
+        if self.gather_kernel is not None and all(t is not None for t in local):
+            whole = [(kv if kv is not None else src.to_torch("cpu")) for src, kv in zip(sources, kvs)]
+            if self.gather_kernel.handles(out, whole):
+                cos, sin = self.rerotate.angles(delta, self.device)
+                if self.gather_kernel.gather_rotate(out, whole, mapping.source, mapping.src_index, cos, sin,
+                                                    from_layer):
+                    return out
         dst = out[from_layer:]
         starts, stops, owner, src_starts = mapping.runs()
         for a, b, k, p in zip(starts.tolist(), stops.tolist(), owner.tolist(), src_starts.tolist()):
@@ -589,7 +609,6 @@ class SemShareEngine:
         none = torch.nonzero(src_t < 0).reshape(-1)
         if none.numel():
             dst.index_fill_(3, none.to(self.device), 0)
-        delta = (torch.arange(n) - pos_t).to(self.device)
         self.rerotate.rotate_(dst[:, 0], delta)
         return out
 
