@@ -21,11 +21,16 @@ from .observability import serve_logging_config
 from .settings import AppArgs, resolve_args
 
 
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
 def model_deployment_options(a: AppArgs) -> dict:
     """``SemShareServer.options(...)`` for the validated args (exposed for tests and tooling)."""
     actor_opts = {"num_cpus": a.num_cpus}
     if a.num_gpus:
         actor_opts["num_gpus"] = a.num_gpus
+    if a.huge_pages:  # torch reads it once, at its first allocation: it must be in the process's start env
+        actor_opts["runtime_env"] = {"env_vars": {HUGE_PAGES_ENV: "1"}}
     opts = {"ray_actor_options": actor_opts, "max_ongoing_requests": a.max_ongoing_requests,
             "max_queued_requests": a.max_queued_requests}
     if a.affinity:  # cache-affinity routing (serve_app/affinity_router.py)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from typing import AsyncIterator, Optional
@@ -513,6 +514,8 @@ class SemShareServer:
                 "pending_registrations": len(self.reuse.pending), "semshare": self.engine.config.to_dict(),
                 "scheduler": self.scheduler.stats(),
                 "decode_attention": "native" if self.engine.decode_kernel is not None else "sdpa",
+                "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+                "native_gather": self.engine.gather_kernel is not None,
                 "compile_decode": self._compile_state(self.engine.compiled_decode, self.args.compile_decode,
                                                       "compiled_steps"),
                 "compile_prefill": self._compile_state(self.engine.compiled_prefill, self.args.compile_prefill,

@@ -77,6 +77,9 @@ class AppArgs(BaseModel):
         "auto", description="batched decode steps as one torch.compile (inductor) graph: auto = for bf16 on a CPU "
         "with a C++ compiler (compiled during the replica's warm-up, ~1-2 min the first time on one core), on = "
         "always, off = eager steps (bf16 decode rounding as transformers' generate, with decode_attention=sdpa)")
+    huge_pages: bool = Field(True, description="start the model replica's process with THP_MEM_ALLOC_ENABLE=1: "
+                             "torch backs its CPU tensors of 2 MB and more with transparent huge pages (fewer page "
+                             "faults for fresh KV buffers, fewer TLB misses); it acts only at process start")
     compile_prefill: Literal["auto", "on", "off"] = Field(
         "auto", description="full prefills (and their chunks) as one torch.compile (inductor) graph, and a hit's "
         "decoder layers as one more (shared by every layer): auto = for bf16 on a CPU with a C++ compiler "

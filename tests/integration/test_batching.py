@@ -73,3 +73,9 @@ def test_disconnect_mid_stream_frees_the_slot_and_kv(hardened):
             break
         assert time.time() < deadline, sched
         time.sleep(0.3)
+
+
+def test_replicas_start_with_torch_huge_pages(server):
+    """``huge_pages`` (default on) reaches the replica's process env before torch's first allocation."""
+    infos = _replica_infos()
+    assert infos and all(i["huge_pages"] for i in infos.values())

@@ -227,3 +227,10 @@ def test_idle_prefill_tokens_reaches_the_scheduler_and_is_validated():
     assert resolve_args({"preset": "tiny-random", "idle_prefill_tokens": 0}).scheduler_config("cpu").idle_prefill_tokens == 0
     with pytest.raises(ValueError, match="idle_prefill_tokens"):
         resolve_args({"preset": "tiny-random", "idle_prefill_tokens": -1})
+
+
+def test_huge_pages_set_the_replica_start_env():
+    on = model_deployment_options(resolve_args({"preset": "tiny-random"}))
+    assert on["ray_actor_options"]["runtime_env"] == {"env_vars": {"THP_MEM_ALLOC_ENABLE": "1"}}
+    off = model_deployment_options(resolve_args({"preset": "tiny-random", "huge_pages": False}))
+    assert "runtime_env" not in off["ray_actor_options"]
