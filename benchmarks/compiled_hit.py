@@ -17,6 +17,7 @@ the full prefill's). Writes ``benchmarks/results/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -31,6 +32,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("full", "hit_eager", "hit_compiled")
 
 
+def rotate_rounds(arms, rounds: int, run, after=None):
+    """One untimed call of ``run(arm)`` per arm (allocator, caches), then ``rounds`` rounds with
+    the order rotating. Returns the untimed results, the times (ms) per arm, and per arm the
+    values ``after(arm, result)`` gave (when it is given)."""
+    first = {arm: run(arm) for arm in arms}
+    times = {arm: [] for arm in arms}
+    seen = {arm: [] for arm in arms}
+    for r in range(rounds):
+        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+            t0 = time.perf_counter()
+            pre = run(arm)
+            int(torch.argmax(pre.logits))
+            times[arm].append((time.perf_counter() - t0) * 1e3)
+            if after is not None:
+                seen[arm].append(after(arm, pre))
+            del pre
+    return first, times, seen
+
+
+def ratio(times: dict, num: str, den: str) -> dict:
+    """Per-round ``times[num] / times[den]``: median and range."""
+    xs = [a / b for a, b in zip(times[num], times[den])]
+    return {"median": round(statistics.median(xs), 3), "range": [round(min(xs), 3), round(max(xs), 3)]}
+
+
+def rr(x: dict) -> str:
+    return f"{x['median']:.2f} ({x['range'][0]:.2f}-{x['range'][1]:.2f})"
+
+
 def measure(eng, ids, sources, rounds: int) -> dict:
     """Rounds of the three arms on one prompt (``eng.compiled_selective`` toggled for the
     eager-layers arm); times in ms."""
@@ -43,20 +73,8 @@ def measure(eng, ids, sources, rounds: int) -> dict:
         finally:
             eng.compiled_selective = compiled
 
-    first = {arm: run(arm) for arm in ARMS}  # untimed: allocator, caches; their logits are compared
-    times = {arm: [] for arm in ARMS}
-    for r in range(rounds):
-        order = ARMS[r % 3:] + ARMS[:r % 3]
-        for arm in order:
-            t0 = time.perf_counter()
-            pre = run(arm)
-            int(torch.argmax(pre.logits))
-            times[arm].append((time.perf_counter() - t0) * 1e3)
-            del pre
-
-    def ratios(num, den):
-        xs = [a / b for a, b in zip(times[num], times[den])]
-        return {"median": round(statistics.median(xs), 3), "range": [round(min(xs), 3), round(max(xs), 3)]}
+    first, times, _ = rotate_rounds(ARMS, rounds, run)
+    ratios = functools.partial(ratio, times)
 
     a, b, f = first["hit_eager"].logits, first["hit_compiled"].logits, first["full"].logits
     st = first["hit_compiled"].stats
@@ -92,9 +110,6 @@ def markdown(res: dict) -> str:
              "(min-max) | full / compiled hit (min-max) | compiled / eager hit (min-max) | logits max abs diff "
              "| same argmax |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-
-    def rr(x):
-        return f"{x['median']:.2f} ({x['range'][0]:.2f}-{x['range'][1]:.2f})"
 
     for r in runs:
         lines.append(f"| {r['tokens']} | {r.get('sources', '')} | {r['rows_layer1']} | {r['full_ms']} | "
@@ -144,31 +159,43 @@ def rag_hits(lengths, sources, prompts: int, seed: int, threads: int):
     return eng, compile_s, hits
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_hit", description=__doc__.splitlines()[0])
+def parser(prog: str, description: str, name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--sources", type=int, nargs="+", default=[3, 4])
     p.add_argument("--prompts", type=int, default=2, help="prompts per (length, sources)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--name", default="compiled-hit-cpu")
+    p.add_argument("--name", default=name)
     p.add_argument("--out-dir", default=str(RESULTS))
-    a = p.parse_args(argv)
+    return p
+
+
+def run_all(a, measure_one, to_markdown, check=None) -> int:
+    """:func:`rag_hits` for the parsed args ``a``, ``measure_one(eng, ids, sources, rounds)`` on
+    every prompt, saved with ``to_markdown``; ``check(eng)``: a reason to stop, or None."""
     if a.rounds < 5:
         print("note: fewer than 5 rounds")
     eng, compile_s, hits = rag_hits(a.lengths, a.sources, a.prompts, a.seed, a.threads)
+    if check is not None and (why := check(eng)):
+        raise SystemExit(why)
     before = [round(x, 2) for x in os.getloadavg()]
     runs = []
     for ids, sources in hits:
-        runs.append({**measure(eng, ids, sources, a.rounds), "sources": len(sources)})
+        runs.append({**measure_one(eng, ids, sources, a.rounds), "sources": len(sources)})
         print(runs[-1], flush=True)
     res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "threads": a.threads,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rounds": a.rounds, "seed": a.seed,
            "loadavg": [before, [round(x, 2) for x in os.getloadavg()]], "compile_s": round(compile_s, 1),
            "runs": runs}
-    save(a.out_dir, a.name, res, markdown(res))
+    save(a.out_dir, a.name, res, to_markdown(res))
     return 0
+
+
+def main(argv=None) -> int:
+    a = parser("python -m benchmarks.compiled_hit", __doc__.splitlines()[0], "compiled-hit-cpu").parse_args(argv)
+    return run_all(a, measure, markdown)
 
 
 if __name__ == "__main__":

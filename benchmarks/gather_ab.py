@@ -14,18 +14,12 @@ Writes ``benchmarks/results/<name>.json`` and ``.md``.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import platform
+import functools
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
-from .results_io import save
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from .compiled_hit import _med, parser, ratio, rotate_rounds, rr, run_all
 ARMS = ("full", "hit_native", "hit_torch")
 
 
@@ -41,35 +35,17 @@ def measure(eng, ids, sources, rounds: int) -> dict:
         finally:
             eng.gather_kernel = kernel
 
-    first = {arm: run(arm) for arm in ARMS}  # untimed: allocator, caches; the hits' logits are compared
-    times = {arm: [] for arm in ARMS}
-    gather = {arm: [] for arm in ARMS[1:]}
-    for r in range(rounds):
-        for arm in ARMS[r % 3:] + ARMS[:r % 3]:
-            t0 = time.perf_counter()
-            pre = run(arm)
-            int(torch.argmax(pre.logits))
-            times[arm].append((time.perf_counter() - t0) * 1e3)
-            if arm != "full":
-                gather[arm].append(pre.stats.gather_ms)
-            del pre
-
-    def ratios(num, den):
-        xs = [a / b for a, b in zip(times[num], times[den])]
-        return {"median": round(statistics.median(xs), 3), "range": [round(min(xs), 3), round(max(xs), 3)]}
+    first, times, gather = rotate_rounds(ARMS, rounds, run, lambda arm, pre: pre.stats.gather_ms)
+    ratios = functools.partial(ratio, times)
 
     a, b = first["hit_native"], first["hit_torch"]
     return {"tokens": int(ids.size), "hit": bool(a.stats.hit), "sources": len(sources),
             **{f"{k}_ms": round(statistics.median(v), 1) for k, v in times.items()},
-            **{f"{k}_gather_ms": round(statistics.median(v), 1) for k, v in gather.items()},
+            **{f"{k}_gather_ms": round(statistics.median(gather[k]), 1) for k in ARMS[1:]},
             "speedup_native": ratios("full", "hit_native"), "speedup_torch": ratios("full", "hit_torch"),
             "torch_over_native": ratios("hit_torch", "hit_native"),
             "per_round": {k: [round(x, 1) for x in v] for k, v in times.items()},
             "same_logits": bool(torch.equal(a.logits, b.logits))}
-
-
-def _med(runs, key):
-    return statistics.median(r[key]["median"] for r in runs)
 
 
 def markdown(res: dict) -> str:
@@ -89,9 +65,6 @@ def markdown(res: dict) -> str:
              "| same logits |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
-    def rr(x):
-        return f"{x['median']:.2f} ({x['range'][0]:.2f}-{x['range'][1]:.2f})"
-
     for r in runs:
         lines.append(f"| {r['tokens']} | {r['sources']} | {r['full_ms']} | {r['hit_native_ms']} | "
                      f"{r['hit_torch_ms']} | {r['hit_native_gather_ms']} | {r['hit_torch_gather_ms']} | "
@@ -101,34 +74,9 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .compiled_hit import rag_hits
-
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gather_ab", description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
-    p.add_argument("--sources", type=int, nargs="+", default=[3, 4])
-    p.add_argument("--prompts", type=int, default=2, help="prompts per (length, sources)")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--name", default="gather-ab-cpu")
-    p.add_argument("--out-dir", default=str(RESULTS))
-    a = p.parse_args(argv)
-    if a.rounds < 5:
-        print("note: fewer than 5 rounds")
-    eng, compile_s, hits = rag_hits(a.lengths, a.sources, a.prompts, a.seed, a.threads)
-    if eng.gather_kernel is None:
-        raise SystemExit("the native gather kernel is unavailable here (see the log)")
-    before = [round(x, 2) for x in os.getloadavg()]
-    runs = []
-    for ids, sources in hits:
-        runs.append(measure(eng, ids, sources, a.rounds))
-        print(runs[-1], flush=True)
-    res = {"name": a.name, "model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "threads": a.threads,
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rounds": a.rounds, "seed": a.seed,
-           "loadavg": [before, [round(x, 2) for x in os.getloadavg()]], "compile_s": round(compile_s, 1),
-           "runs": runs}
-    save(a.out_dir, a.name, res, markdown(res))
-    return 0
+    a = parser("python -m benchmarks.gather_ab", __doc__.splitlines()[0], "gather-ab-cpu").parse_args(argv)
+    return run_all(a, measure, markdown,
+                   lambda eng: None if eng.gather_kernel else "the native gather kernel is unavailable here (see the log)")
 
 
 if __name__ == "__main__":
